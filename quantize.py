@@ -1,0 +1,188 @@
+"""Weight quantization and artifact format for ConvGPT-v2 (pure functions, no I/O).
+
+The trainer writes ``pack(quantize_state_dict(sd, plan, clip_ratios))`` and restores
+with ``dequantize_state_dict(unpack(blob))``; ``fake_quant_int6`` is the matching
+straight-through fake quantizer for quantization-aware training.
+plan[name]: "int6"/"int8" = per-row (dim 0) symmetric quantization of a 2-D tensor
+to int8 values in [-31, 31]/[-127, 127] plus one fp16 scale per row; "fp16"/"fp32"
+= plain cast. qsd: {name: {"kind", "shape": list[int], "dtype": "float32" |
+"float16" | "bfloat16" (restored on dequantize), "q": int8 [rows, cols], "scale":
+fp16 [rows]}}, with "data" (fp16/fp32, original shape) instead of q/scale for casts.
+
+Byte layout (FORMAT_VERSION 1): bytes 0-2 b"CGQ", byte 3 the version, then one
+zstd frame (level 22, content size and checksum recorded) holding: uint32 LE
+header length H | H bytes of UTF-8 JSON | payload. JSON (keys sorted):
+{"tensors": [{"name", "kind", "shape", "dtype", "parts": {part: [offset, length]}}]}
+in name order; parts "q" (int8) + "scale" (fp16 LE) or "data" (fp16/fp32 LE) tile
+the payload contiguously from offset 0 in entry order.
+
+Invariants:
+  - pack is deterministic; unpack(pack(qsd)) dequantizes bit-identically to qsd.
+  - clip_ratios=(1.0,): q * scale is within half a step (the row's stored scale)
+    of each int6/int8 value, before the cast back to the source dtype; zero rows
+    come back exactly zero; fp32 passthrough is bit-exact, fp16 equals t.half().
+  - fake_quant_int6(w) forward equals the int6 round trip of w, also when compiled.
+  - unpack raises ValueError on a foreign, truncated, corrupt or other-version blob.
+
+Tests: python -m pytest -q tests/test_quantize.py
+"""
+import json
+import math
+import struct
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+import zstandard
+
+FORMAT_VERSION = 1  # bump when the byte layout changes
+MAGIC = b"CGQ"  # ConvGPT Quantized; followed by one FORMAT_VERSION byte
+INT6_MAX = 31  # symmetric int6 levels: [-31, 31], 63 values
+INT8_MAX = 127  # symmetric int8 levels: [-127, 127], 255 values
+QMAX = {"int6": INT6_MAX, "int8": INT8_MAX}
+PASSTHROUGH = {"fp16": torch.float16, "fp32": torch.float32}
+ZSTD_LEVEL = 22  # zstd's maximum level: artifact bytes matter more than pack time
+MAX_BODY = 1 << 31  # bytes; refuse frames that declare a larger decompressed size
+FP16 = torch.finfo(torch.float16)  # scales are stored as fp16: keep them in [tiny, max]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+STORAGE = {torch.int8: np.dtype("i1"), torch.float16: np.dtype("<f2"), torch.float32: np.dtype("<f4")}
+
+
+def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
+    """Step amax/qmax rounded to the nearest fp16 normal (zero rows stay exact, rounding error
+    < 2**-11 relative), as fp32; via frexp/ldexp because torch.compile elides .half().float()."""
+    significand, exponent = torch.frexp((amax / qmax).clamp(FP16.tiny, FP16.max))
+    return torch.ldexp(torch.round(significand * 2**11) / 2**11, exponent)
+
+
+def fake_quant_int6(w: torch.Tensor) -> torch.Tensor:
+    """Per-row int6 fake quantization of a 2-D weight with a straight-through gradient."""
+    wf = w.float()
+    scale = _fp16_scale(wf.detach().abs().amax(dim=1, keepdim=True), INT6_MAX)
+    deq = (torch.round(wf.detach() / scale).clamp(-INT6_MAX, INT6_MAX) * scale).to(w.dtype)
+    return deq + (w - w.detach())
+
+
+def _quantize_rows(w: torch.Tensor, qmax: int, clip_ratios: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric quantization, keeping per row the clip ratio with least squared error."""
+    amax = w.abs().amax(dim=1, keepdim=True)
+    best_err, best_q, best_s = torch.full_like(amax, math.inf), torch.zeros_like(w), torch.zeros_like(amax)
+    for ratio in clip_ratios:
+        s = _fp16_scale(ratio * amax, qmax)
+        q = torch.round(w / s).clamp(-qmax, qmax)
+        err = (q * s - w).square().sum(dim=1, keepdim=True)
+        better = err < best_err
+        best_err, best_q, best_s = err.where(better, best_err), q.where(better, best_q), s.where(better, best_s)
+    return best_q.to(torch.int8), best_s.flatten().half()
+
+
+def quantize_state_dict(
+    state_dict: Mapping[str, torch.Tensor], plan: Mapping[str, str], clip_ratios: Sequence[float] = (1.0,)
+) -> dict:
+    """Quantize every tensor as plan[name] says ("int6", "int8", "fp16" or "fp32")."""
+    if not clip_ratios:
+        raise ValueError("clip_ratios must not be empty")
+    qsd = {}
+    for name, t in state_dict.items():
+        kind, dtype, t = plan.get(name), str(t.dtype).removeprefix("torch."), t.detach().cpu()
+        if dtype not in DTYPES:
+            raise ValueError(f"{name}: unsupported dtype {dtype}")
+        entry = {"kind": kind, "shape": list(t.shape), "dtype": dtype}
+        if kind in QMAX:
+            if t.dim() != 2:
+                raise ValueError(f"{name}: {kind} needs a 2-D tensor, got shape {list(t.shape)}")
+            entry["q"], entry["scale"] = _quantize_rows(t.float(), QMAX[kind], clip_ratios)
+        elif kind in PASSTHROUGH:
+            entry["data"] = t.to(PASSTHROUGH[kind], copy=True)
+        else:
+            raise ValueError(f"{name}: plan must be int6, int8, fp16 or fp32, got {kind!r}")
+        qsd[name] = entry
+    return qsd
+
+
+def dequantize_state_dict(qsd: Mapping) -> dict[str, torch.Tensor]:
+    """Rebuild name -> tensor in the original dtype and shape."""
+    out = {}
+    for name, e in qsd.items():
+        t = e["q"].float() * e["scale"].float()[:, None] if e["kind"] in QMAX else e["data"]
+        out[name] = t.to(DTYPES[e["dtype"]]).reshape(e["shape"])
+    return out
+
+
+def pack(qsd: Mapping) -> bytes:
+    """Serialize a qsd to the versioned, zstd-compressed artifact described above."""
+    entries, chunks, offset = [], [], 0
+    for name in sorted(qsd):
+        e, parts = qsd[name], {}
+        for part in ("q", "scale") if e["kind"] in QMAX else ("data",):
+            t = e[part].contiguous()
+            raw = t.numpy().astype(STORAGE[t.dtype], copy=False).tobytes()
+            parts[part], offset = [offset, len(raw)], offset + len(raw)
+            chunks.append(raw)
+        entries.append({"name": name, "kind": e["kind"], "shape": list(e["shape"]), "dtype": e["dtype"],
+                        "parts": parts})
+    header = json.dumps({"tensors": entries}, sort_keys=True, separators=(",", ":")).encode()
+    body = struct.pack("<I", len(header)) + header + b"".join(chunks)
+    frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, threads=0).compress(body)
+    return MAGIC + bytes([FORMAT_VERSION]) + frame
+
+
+def _corrupt(why: str) -> ValueError:
+    return ValueError(f"artifact is truncated or corrupt: {why}")
+
+
+def _read_entry(e: dict, payload: bytes, cursor: int) -> tuple[dict, int]:
+    """Decode one header entry whose parts must start at payload[cursor]."""
+    kind, shape, dtype = e["kind"], e["shape"], e["dtype"]
+    if dtype not in DTYPES or not all(type(n) is int and n >= 0 for n in shape):
+        raise _corrupt(f"bad dtype or shape for {e['name']!r}")
+    if kind in QMAX and len(shape) == 2:
+        spec = {"q": (torch.int8, shape), "scale": (torch.float16, shape[:1])}
+    elif kind in PASSTHROUGH:
+        spec = {"data": (PASSTHROUGH[kind], shape)}
+    else:
+        raise _corrupt(f"bad kind {kind!r} for {e['name']!r}")
+    if sorted(e["parts"]) != sorted(spec):
+        raise _corrupt(f"bad parts for {e['name']!r}")
+    entry = {"kind": kind, "shape": shape, "dtype": dtype}
+    for part, (tdtype, pshape) in spec.items():
+        np_dtype, count = STORAGE[tdtype], math.prod(pshape)
+        nbytes = count * np_dtype.itemsize
+        if e["parts"][part] != [cursor, nbytes] or cursor + nbytes > len(payload):
+            raise _corrupt(f"{e['name']!r}.{part} does not match the payload")
+        arr = np.frombuffer(payload, np_dtype, count, cursor).astype(np_dtype.newbyteorder("="))
+        entry[part], cursor = torch.from_numpy(arr).reshape(pshape), cursor + nbytes
+    return entry, cursor
+
+
+def unpack(blob: bytes) -> dict:
+    """Inverse of pack; raises ValueError for anything but an intact artifact of this version."""
+    magic, version, frame = bytes(blob[: len(MAGIC)]), blob[len(MAGIC) : len(MAGIC) + 1], blob[len(MAGIC) + 1 :]
+    if not version:
+        raise _corrupt(f"only {len(blob)} bytes")
+    if magic != MAGIC:
+        raise ValueError(f"not a ConvGPT quantized artifact: magic {magic!r} != {MAGIC!r}")
+    if version[0] != FORMAT_VERSION:
+        raise ValueError(f"unsupported artifact format version {version[0]} (this code reads {FORMAT_VERSION})")
+    try:
+        size = zstandard.frame_content_size(frame)
+        if not 0 <= size <= MAX_BODY:
+            raise _corrupt(f"zstd frame declares {size} bytes")
+        body = zstandard.ZstdDecompressor().decompress(frame, allow_extra_data=False)
+    except zstandard.ZstdError as err:
+        raise _corrupt(f"zstd: {err}") from None
+    try:
+        (hlen,) = struct.unpack_from("<I", body)
+        if 4 + hlen > len(body):
+            raise _corrupt("header length exceeds the data")
+        header, payload = json.loads(body[4 : 4 + hlen]), body[4 + hlen :]
+        qsd, cursor = {}, 0
+        for e in header["tensors"]:
+            if e["name"] in qsd:
+                raise _corrupt(f"duplicate tensor {e['name']!r}")
+            qsd[e["name"]], cursor = _read_entry(e, payload, cursor)
+    except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as err:
+        raise _corrupt(f"bad header ({type(err).__name__}: {err})") from None
+    if cursor != len(payload):
+        raise _corrupt(f"{len(payload) - cursor} unaccounted payload bytes")
+    return qsd

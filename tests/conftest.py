@@ -1,0 +1,62 @@
+"""Shared fixtures: the repo on sys.path, a small generated dataset, and a runner for train_gpt.py."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+SHARED_DATA = ROOT.parent / "shared" / "data"
+SP1024 = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
+FINEWEB_SAMPLE = SHARED_DATA / "datasets" / "fineweb_sample_sp1024"
+NO_SHARED = f"real data absent: {SHARED_DATA} (the challenge tokenizer and FineWeb sample live in ../shared/data)"
+
+# A model small enough that a few CPU steps take about a second; grad accumulation 8 x [2, 64].
+TINY_ENV = dict(
+    NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="1", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="64",
+    TRAIN_BATCH_TOKENS="1024", MEM_CHUNK="16", MEM_TOPK="1", ITERATIONS="6", WARMUP_STEPS="1",
+    WARMDOWN_ITERS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", VAL_BATCH_SIZE="8192", EVAL_STRIDE="32",
+    MAX_WALLCLOCK_SECONDS="0", COMPILE="0", SEED="7",
+)
+
+
+@pytest.fixture(scope="session")
+def smoke_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A small synthetic dataset (about 65k train / 13k val tokens) and its vocab-1024 tokenizer."""
+    from data.make_smoke_data import make_smoke_dataset
+
+    root = tmp_path_factory.mktemp("smoke")
+    make_smoke_dataset(root / "ds", root / "tok.model", seed=3, train_docs=300, val_docs=60, log=None)
+    return {"data": root / "ds", "tokenizer": root / "tok.model"}
+
+
+def trainer_env(smoke_data: dict[str, Path], workdir: Path, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(TINY_ENV, DATA_PATH=str(smoke_data["data"]), TOKENIZER_PATH=str(smoke_data["tokenizer"]),
+               ARTIFACT_PATH=str(workdir / "model.ptz"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env.update(overrides)
+    return env
+
+
+def run_trainer(env: dict[str, str], workdir: Path, nproc: int = 1, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run train_gpt.py in workdir (logs land in workdir/logs); with nproc > 1 through torchrun (gloo)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
+    return subprocess.run([*launcher, str(ROOT / "train_gpt.py")], env=env, cwd=workdir, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def log_values(text: str, prefix: str) -> dict[str, str]:
+    """key:value pairs of the last log line starting with prefix."""
+    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    assert lines, f"no line starting with {prefix!r} in:\n{text}"
+    return dict(re.findall(r"(\w+):(\S+)", lines[-1]))
+
+
+def train_losses(text: str) -> list[float]:
+    return [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:(\S+)", text, re.M)]

@@ -1,0 +1,254 @@
+"""Tests for quantize.py: python -m pytest -q tests/test_quantize.py"""
+import json
+import random
+import shutil
+import struct
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import zstandard
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import quantize as Q  # noqa: E402
+
+
+def roundtrip(sd, plan, clip_ratios=(1.0,)):
+    qsd = Q.quantize_state_dict(sd, plan, clip_ratios)
+    return qsd, Q.dequantize_state_dict(qsd)
+
+
+def sq_err(sd, clip_ratios):
+    _, out = roundtrip(sd, {k: "int6" for k in sd}, clip_ratios)
+    return sum(((out[k] - sd[k]) ** 2).sum().item() for k in sd)
+
+
+def frame(body: bytes) -> bytes:
+    return Q.MAGIC + bytes([Q.FORMAT_VERSION]) + zstandard.ZstdCompressor().compress(body)
+
+
+def body_of(blob: bytes) -> tuple[dict, bytes]:
+    body = zstandard.ZstdDecompressor().decompress(blob[len(Q.MAGIC) + 1 :])
+    (hlen,) = struct.unpack_from("<I", body)
+    return json.loads(body[4 : 4 + hlen]), body[4 + hlen :]
+
+
+def rebuild(header: dict, payload: bytes) -> bytes:
+    raw = json.dumps(header).encode()
+    return frame(struct.pack("<I", len(raw)) + raw + payload)
+
+
+@pytest.fixture
+def sample():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 40, generator=g)
+    w[3] = 0
+    sd = {
+        "embed": torch.randn(7, 13, generator=g).bfloat16(),
+        "mlp.w": w,
+        "tiny": torch.randn(1, 1, generator=g),
+        "wide": torch.randn(3, 1000, generator=g) * 1e-3,
+        "norm": torch.randn(13, generator=g),
+        "bias": torch.randn(5, 2, generator=g),
+        "gain": torch.randn(4, generator=g).bfloat16(),
+    }
+    plan = {"embed": "int8", "mlp.w": "int6", "tiny": "int6", "wide": "int8",
+            "norm": "fp32", "bias": "fp16", "gain": "fp32"}
+    return sd, plan
+
+
+def test_fake_quant_matches_int6_roundtrip():
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(1)) * 0.05
+    out = Q.fake_quant_int6(w)
+    qsd, ref = roundtrip({"w": w}, {"w": "int6"})
+    assert torch.equal(out, ref["w"])
+    step = qsd["w"]["scale"].float()[:, None]
+    assert ((out - w).abs() <= step / 2).all()
+    assert all(torch.unique(row).numel() <= 2 * Q.INT6_MAX + 1 for row in out)
+    assert torch.equal(torch.round(out / step), qsd["w"]["q"].float())
+
+
+def test_fake_quant_gradient_is_identity_and_zero_row_is_safe():
+    w = torch.randn(8, 24, generator=torch.Generator().manual_seed(2))
+    w[5] = 0
+    w.requires_grad_(True)
+    upstream = torch.randn(8, 24)
+    out = Q.fake_quant_int6(w)
+    out.backward(upstream)
+    assert torch.equal(w.grad, upstream)
+    assert torch.equal(out[5].detach(), torch.zeros(24))
+    assert torch.isfinite(out).all() and torch.isfinite(w.grad).all()
+
+
+def test_fake_quant_bf16():
+    w = torch.randn(6, 50, generator=torch.Generator().manual_seed(3)).bfloat16().requires_grad_(True)
+    out = Q.fake_quant_int6(w)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out.detach(), Q.fake_quant_int6(w.detach().float()).bfloat16())
+    upstream = torch.randn(6, 50).bfloat16()
+    out.backward(upstream)
+    assert w.grad.dtype == torch.bfloat16 and torch.equal(w.grad, upstream)
+
+
+NO_CXX = not (shutil.which("g++") or shutil.which("c++"))
+
+
+@pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler")
+def test_fake_quant_under_torch_compile():
+    compiled = torch.compile(Q.fake_quant_int6, fullgraph=True)
+    w = torch.randn(16, 48, generator=torch.Generator().manual_seed(4))
+    w[0] = 0
+    w.requires_grad_(True)
+    out = compiled(w)
+    upstream = torch.randn(16, 48)
+    out.backward(upstream)
+    assert torch.equal(out.detach(), Q.fake_quant_int6(w.detach()))
+    assert torch.equal(out[0].detach(), torch.zeros(48))
+    assert torch.equal(w.grad, upstream)
+
+
+def test_roundtrip_dtypes_shapes_and_error_bounds(sample):
+    sd, plan = sample
+    qsd, out = roundtrip(sd, plan)
+    assert set(out) == set(sd)
+    for name, t in sd.items():
+        assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
+    assert torch.equal(out["norm"], sd["norm"])
+    assert torch.equal(out["gain"], sd["gain"])
+    assert torch.equal(out["bias"], sd["bias"].half().float())
+    for name in ("embed", "mlp.w", "tiny", "wide"):
+        q, scale = qsd[name]["q"], qsd[name]["scale"]
+        assert q.dtype == torch.int8 and scale.dtype == torch.float16 and scale.shape == (q.shape[0],)
+        deq = q.float() * scale.float()[:, None]
+        assert ((deq - sd[name].float()).abs() <= scale.float()[:, None] / 2).all(), name
+        assert torch.equal(out[name], deq.to(sd[name].dtype)), name
+    assert torch.equal(out["mlp.w"][3], torch.zeros(40))
+
+
+@pytest.mark.parametrize("kind", ["int6", "int8"])
+def test_zero_and_tiny_rows(kind):
+    w = torch.zeros(4, 9)
+    w[1, 2] = 1e-30
+    w[2] = 1e-6
+    w[3] = 3e5
+    qsd, out = roundtrip({"w": w}, {"w": kind})
+    assert torch.equal(out["w"][0], torch.zeros(9))
+    assert (qsd["w"]["scale"] > 0).all() and torch.isfinite(qsd["w"]["scale"]).all()
+    assert ((out["w"] - w).abs() <= qsd["w"]["scale"].float()[:, None] / 2).all()
+
+
+def test_clip_search_never_worse_and_helps_heavy_tails():
+    torch.manual_seed(5)
+    ratios = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5)
+    heavy = {"w": torch.distributions.StudentT(4.0).sample((64, 256))}
+    gauss = {"w": torch.randn(64, 256)}
+    assert sq_err(heavy, ratios) < 0.995 * sq_err(heavy, (1.0,))
+    assert sq_err(gauss, ratios) <= sq_err(gauss, (1.0,))
+    qsd_one, out_one = roundtrip(heavy, {"w": "int6"})
+    qsd_many, out_many = roundtrip(heavy, {"w": "int6"}, ratios)
+    per_row = lambda out: ((out["w"] - heavy["w"]) ** 2).sum(1)  # noqa: E731
+    assert (per_row(out_many) <= per_row(out_one)).all()
+    assert (qsd_many["w"]["scale"] < qsd_one["w"]["scale"]).any()
+
+
+@pytest.mark.parametrize("kind,qmax", [("int6", 31), ("int8", 127)])
+def test_values_in_range(kind, qmax):
+    torch.manual_seed(8)
+    w = torch.distributions.StudentT(1.0).sample((32, 128)) * 100
+    for ratios in ((1.0,), (1.0, 0.5, 0.25)):
+        q = Q.quantize_state_dict({"w": w}, {"w": kind}, ratios)["w"]["q"]
+        assert q.dtype == torch.int8 and q.min() >= -qmax and q.max() <= qmax
+        assert q.abs().max() == qmax
+
+
+def test_pack_deterministic_and_lossless(sample):
+    sd, plan = sample
+    qsd = Q.quantize_state_dict(sd, plan, (1.0, 0.9))
+    blob = Q.pack(qsd)
+    assert blob[:3] == Q.MAGIC and blob[3] == Q.FORMAT_VERSION
+    assert blob == Q.pack(qsd) == Q.pack(Q.quantize_state_dict(sd, plan, (1.0, 0.9)))
+    back = Q.unpack(blob)
+    assert set(back) == set(qsd)
+    want, got = Q.dequantize_state_dict(qsd), Q.dequantize_state_dict(back)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+    assert Q.pack(back) == blob
+
+
+def test_plan_errors():
+    w = torch.randn(4, 4)
+    with pytest.raises(ValueError, match="missing.w"):
+        Q.quantize_state_dict({"ok": w, "missing.w": w}, {"ok": "int6"})
+    with pytest.raises(ValueError, match="odd"):
+        Q.quantize_state_dict({"odd": w}, {"odd": "int4"})
+    with pytest.raises(ValueError, match="vec"):
+        Q.quantize_state_dict({"vec": torch.randn(8)}, {"vec": "int6"})
+    with pytest.raises(ValueError, match="conv"):
+        Q.quantize_state_dict({"conv": torch.randn(2, 3, 4)}, {"conv": "int8"})
+
+
+def test_unpack_rejects_truncated_blobs(sample):
+    blob = Q.pack(Q.quantize_state_dict(*sample))
+    for cut in (0, 1, 2, 3, 4, 5, 10, len(blob) // 2, len(blob) - 4, len(blob) - 1):
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            Q.unpack(blob[:cut])
+
+
+def test_unpack_rejects_foreign_and_corrupt_blobs(sample):
+    blob = Q.pack(Q.quantize_state_dict(*sample))
+    rng = random.Random(6)
+    for foreign in (b"PK\x03\x04" + bytes(100), bytes(rng.getrandbits(8) for _ in range(300)), b"\x28\xb5\x2f\xfd" * 8):
+        with pytest.raises(ValueError, match="not a ConvGPT"):
+            Q.unpack(foreign)
+    with pytest.raises(ValueError, match="version 2"):
+        Q.unpack(blob[:3] + b"\x02" + blob[4:])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        Q.unpack(blob + b"\x00")
+    for pos in (4, 9, len(blob) // 2, len(blob) - 2):
+        bad = bytearray(blob)
+        bad[pos] ^= 0x01
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            Q.unpack(bytes(bad))
+    short = struct.pack("<I", 2)
+    for body in (b"", b"\x01\x00", struct.pack("<I", 99) + b"{}", short + b"{]", short + b"[]", short + b"{}"):
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            Q.unpack(frame(body))
+
+
+def test_unpack_rejects_header_payload_mismatch(sample):
+    header, payload = body_of(Q.pack(Q.quantize_state_dict(*sample)))
+    assert Q.unpack(rebuild(header, payload)).keys() == set(sample[0])
+
+    def mutate(fn):
+        h = json.loads(json.dumps(header))
+        fn(h["tensors"])
+        return h
+
+    cases = [
+        mutate(lambda ts: ts[0]["shape"].__setitem__(0, ts[0]["shape"][0] + 1)),
+        mutate(lambda ts: ts[0]["parts"][next(iter(ts[0]["parts"]))].__setitem__(1, 1)),
+        mutate(lambda ts: ts[-1]["parts"][next(iter(ts[-1]["parts"]))].__setitem__(0, 1)),
+        mutate(lambda ts: ts[0].__setitem__("kind", "int4")),
+        mutate(lambda ts: ts[0].__setitem__("dtype", "int64")),
+        mutate(lambda ts: ts[0].pop("shape")),
+        mutate(lambda ts: ts[0].__setitem__("shape", [-1, 5])),
+        mutate(lambda ts: ts.append(dict(ts[0]))),
+        mutate(lambda ts: ts[1].__setitem__("name", ts[0]["name"])),
+        mutate(lambda ts: ts.pop()),
+    ]
+    for h in cases:
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            Q.unpack(rebuild(h, payload))
+    for bad_payload in (payload[:-1], payload + b"\x00"):
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            Q.unpack(rebuild(header, bad_payload))
+
+
+def test_compression_sanity():
+    w = torch.randn(512, 1536, generator=torch.Generator().manual_seed(7))
+    blob = Q.pack(Q.quantize_state_dict({"w": w}, {"w": "int6"}))
+    assert len(blob) / w.numel() < 0.75
+    zeros = Q.pack(Q.quantize_state_dict({"w": torch.zeros(512, 1536)}, {"w": "int6"}))
+    assert len(zeros) < 500
+    assert torch.equal(Q.dequantize_state_dict(Q.unpack(zeros))["w"], torch.zeros(512, 1536))

@@ -1,0 +1,888 @@
+"""ConvGPT-v2 parameter-golf trainer: train <= 600 s, export int6+zstd under 16,000,000 bytes, report val_bpb.
+
+Commands
+  8xH100 run:      torchrun --standalone --nproc_per_node=8 train_gpt.py
+  one process:     python train_gpt.py             (CPU or one GPU; same global batch by accumulation)
+  sweep:           NUM_LAYERS=11 MEM_TOPK=8 torchrun --standalone --nproc_per_node=8 train_gpt.py
+  re-evaluate:     EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
+  CPU smoke run:   bash run.sh                      (synthetic sample, not FineWeb)
+
+Settings are environment variables named after the Hyperparameters fields in upper case; every resolved
+value is logged at start, and a name one typo away from a setting gets a warning. Rank 0 logs key:value
+lines to stdout and logs/<RUN_ID>.txt, ending with final_int6_zstd_roundtrip, _exact, final_sliding_window
+and `artifact bytes_model:A bytes_code:B bytes_total:C limit:16000000`.
+
+Invariants
+  * Causal: logits at t depend on tokens <= t only (tests/test_causality.py).
+  * val_bpb is the challenge's: every validation target is scored exactly once, bytes come from the pieces.
+  * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
+  * The artifact is written atomically, only from finite weights and only under the cap.
+  * Bad input: one "error: ..." line on stderr, exit code 2, nothing overwritten.
+  * `import train_gpt` has no side effects.
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import itertools
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from convgpt_ops import MAX_SEQ_LEN, causal_gather_conv_ref, chunk_memory_ref, conv_taps
+from quantize import dequantize_state_dict, fake_quant_int6, pack, quantize_state_dict, unpack
+
+# ----------------------------------------------------------------------------- config
+
+BOS_ID = 1  # challenge shards and sp1024: pad/bos/eos/unk = 0/1/2/3, every document starts with BOS
+ARTIFACT_LIMIT_BYTES = 16_000_000  # challenge cap, decimal bytes: compressed model + counted code
+COUNTED_CODE = ("train_gpt.py", "convgpt_ops.py", "quantize.py")
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_BYTES = 20240520, 1, 1024  # 256 little-endian int32
+GLOBAL_MICROBATCHES = 8  # a step is 8 micro-batches in total; each rank runs 8 / WORLD_SIZE of them
+TIED_EMBED_INIT_STD = 0.005  # baseline train_gpt.py
+QK_GAIN_INIT = 1.5  # baseline train_gpt.py
+SMEAR_INIT = -2.0  # sigmoid(-2) = 0.12 of the previous token at init
+LEAKY_SLOPE = 0.5  # LeakyReLU(0.5)^2, record of 2026-03-23
+NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Muon (Keller Jordan, modded-nanogpt)
+NS_EPS = 1e-7
+EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA_DECAY
+CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
+CHOICES = {
+    "mlp_act": ("relu2", "leaky_relu2"),
+    "mem_rope": ("all", "half", "none"),
+    "embed_quant": ("int8", "fp16"),
+    "compile": ("auto", "0", "1"),
+}
+
+
+class FatalError(Exception):
+    """A failure reported as one line on stderr with exit code 2: bad settings, data, artifact, NaN loss."""
+
+
+@dataclass(frozen=True)
+class Hyperparameters:
+    # run and files
+    run_id: str = "convgpt"
+    seed: int = 1337
+    data_path: str = "./data/datasets/fineweb10B_sp1024"
+    tokenizer_path: str = "./data/tokenizers/fineweb_1024_bpe.model"
+    artifact_path: str = "final_model.int6.ptz"
+    eval_only: bool = False
+    # schedule (steps, tokens, seconds)
+    iterations: int = 20000
+    warmup_steps: int = 20  # compile warm-up steps; model, optimizer and loader are reset afterwards
+    warmdown_iters: int = 1200  # linear LR decay to 0, in steps; converted to time once the cap binds
+    max_wallclock_seconds: float = 600.0  # training time cap, warm-up and validation excluded; 0 = none
+    train_batch_tokens: int = 524_288  # tokens per optimizer step, all ranks together
+    train_seq_len: int = 1024
+    val_loss_every: int = 1000  # steps; 0 = final evaluation only
+    train_log_every: int = 200  # steps
+    val_batch_size: int = 524_288  # tokens per evaluation forward, all 8 micro-batches together
+    # model
+    vocab_size: int = 1024
+    num_layers: int = 9
+    model_dim: int = 512
+    num_heads: int = 8
+    num_kv_heads: int = 4
+    mlp_mult: float = 3.0  # MLP width = round(mlp_mult * model_dim)
+    mlp_act: str = "leaky_relu2"
+    tie_embeddings: bool = True
+    rope_base: float = 10000.0
+    logit_softcap: float = 30.0
+    smear_gate: bool = True
+    conv1d_k: int = 4  # causal 1D taps (0 = no 1D branch)
+    conv2d_k: int = 3  # Hilbert grid window side, odd (0 = no 2D branch)
+    mem_every: int = 2  # every mem_every-th block mixes with ChunkMemory instead of ConvMix (0 = never)
+    mem_chunk: int = 64  # tokens per memory chunk
+    mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
+    mem_rope: str = "half"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
+    # optimizer (learning rates are peak values)
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    tied_embed_lr: float = 0.05
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    muon_weight_decay: float = 0.04  # decoupled: p *= 1 - lr * wd per step
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0  # 0 = off
+    # quantization-aware training, EMA, export
+    qat: bool = True
+    qat_start_frac: float = 0.0  # fraction of the run (steps or wallclock, whichever is further) before QAT
+    ema_decay: float = 0.997
+    embed_quant: str = "int8"
+    clip_search: bool = True
+    # evaluation
+    eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
+    eval_stride: int = 64
+    # device
+    compile: str = "auto"  # auto = on with CUDA
+
+    @property
+    def head_dim(self) -> int:
+        return self.model_dim // self.num_heads
+
+    @property
+    def eval_len(self) -> int:
+        return self.eval_seq_len or self.train_seq_len
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Hyperparameters:
+        env = os.environ if env is None else env
+        values = {f.name: parse_value(f.name.upper(), env[f.name.upper()], type(f.default))
+                  for f in fields(cls) if f.name.upper() in env}
+        args = cls(**values)
+        args.validate()
+        return args
+
+    def validate(self) -> None:
+        micro_tokens = GLOBAL_MICROBATCHES * self.train_seq_len
+        checks = [
+            (1 <= self.train_seq_len <= MAX_SEQ_LEN and 0 <= self.eval_seq_len <= MAX_SEQ_LEN,
+             f"TRAIN_SEQ_LEN={self.train_seq_len} / EVAL_SEQ_LEN={self.eval_seq_len} must lie in 1..{MAX_SEQ_LEN}, "
+             f"the Hilbert grid (256 x 256)"),
+            (self.train_batch_tokens > 0 and self.train_batch_tokens % micro_tokens == 0,
+             f"TRAIN_BATCH_TOKENS={self.train_batch_tokens} must be a positive multiple of 8 * TRAIN_SEQ_LEN = {micro_tokens}"),
+            (self.num_heads > 0 and self.model_dim % self.num_heads == 0 and self.head_dim % 2 == 0,
+             f"MODEL_DIM={self.model_dim} must split into NUM_HEADS={self.num_heads} heads of even size"),
+            (self.num_kv_heads > 0 and self.num_heads % self.num_kv_heads == 0,
+             f"NUM_HEADS={self.num_heads} must be a multiple of NUM_KV_HEADS={self.num_kv_heads}"),
+            (self.conv1d_k >= 0 and self.conv2d_k >= 0 and (self.conv2d_k % 2 == 1 or self.conv2d_k == 0),
+             f"CONV1D_K={self.conv1d_k} must be >= 0 and CONV2D_K={self.conv2d_k} odd or 0"),
+            (self.mem_every == 1 or self.conv1d_k + self.conv2d_k > 0, "CONV1D_K and CONV2D_K are both 0: ConvMix has no taps"),
+            (self.mem_every >= 0 and self.mem_chunk >= 1 and self.mem_topk >= 0,
+             f"MEM_EVERY={self.mem_every}, MEM_CHUNK={self.mem_chunk}, MEM_TOPK={self.mem_topk} must be >= 0, >= 1, >= 0"),
+            (1 <= self.eval_stride <= self.eval_len, f"EVAL_STRIDE={self.eval_stride} must lie in 1..{self.eval_len}"),
+            (2 <= self.vocab_size <= 65536, f"VOCAB_SIZE={self.vocab_size} must lie in 2..65536 (uint16 shards)"),
+            (self.num_layers >= 1 and self.model_dim >= 1 and self.mlp_mult > 0, "NUM_LAYERS, MODEL_DIM, MLP_MULT must be positive"),
+            (self.iterations >= 1 and self.warmup_steps >= 0 and self.max_wallclock_seconds >= 0,
+             "ITERATIONS must be >= 1, WARMUP_STEPS and MAX_WALLCLOCK_SECONDS >= 0"),
+            (self.train_log_every >= 1 and self.val_loss_every >= 0 and self.val_batch_size >= 1,
+             "TRAIN_LOG_EVERY and VAL_BATCH_SIZE must be >= 1, VAL_LOSS_EVERY >= 0"),
+            (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
+             f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
+        ]
+        checks += [(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
+                   for name, allowed in CHOICES.items()]
+        for ok, message in checks:
+            if not ok:
+                raise FatalError(message)
+
+
+def parse_value(name: str, raw: str, kind: type) -> str | int | float | bool:
+    text = raw.strip().lower()
+    if kind is bool and text in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        return text in ("1", "true", "yes", "on")
+    try:
+        if kind is not bool:
+            value = kind(raw.strip())
+            if kind is not float or math.isfinite(value):
+                return value
+    except ValueError:
+        pass
+    raise FatalError(f"{name}={raw!r} is not a valid {'0/1' if kind is bool else kind.__name__}")
+
+
+def one_edit_apart(a: str, b: str) -> bool:
+    """One substitution, insertion, deletion or adjacent swap turns a into b (a != b)."""
+    if len(a) > len(b):
+        a, b = b, a
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(a))
+    if len(a) < len(b):
+        return len(b) - len(a) == 1 and a[i:] == b[i + 1:]
+    return a[i + 1:] == b[i + 1:] or (a[i + 2:] == b[i + 2:] and a[i:i + 2] == b[i:i + 2][::-1])
+
+
+def typo_warnings(env: Mapping[str, str]) -> list[str]:
+    names = [f.name.upper() for f in fields(Hyperparameters)]
+    return [f"warning: env {key} is not a setting; did you mean {name}?"
+            for key in sorted(env) if key not in names
+            for name in names if key.upper() == name or one_edit_apart(key.upper(), name)]
+
+
+# ----------------------------------------------------------------------------- distributed
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def grad_accum(self) -> int:
+        return GLOBAL_MICROBATCHES // self.world_size
+
+
+def init_distributed(env: Mapping[str, str]) -> Dist:
+    world_size = parse_value("WORLD_SIZE", env.get("WORLD_SIZE", "1"), int)
+    rank = parse_value("RANK", env.get("RANK", "0"), int)
+    local_rank = parse_value("LOCAL_RANK", env.get("LOCAL_RANK", "0"), int)
+    if world_size < 1 or GLOBAL_MICROBATCHES % world_size:
+        raise FatalError(f"WORLD_SIZE={world_size} must divide {GLOBAL_MICROBATCHES} (use 1, 2, 4 or 8 processes)")
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank, world_size, device)
+
+
+def all_reduce(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op)
+    return t
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def autocast(device: torch.device) -> torch.autocast:
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+# ----------------------------------------------------------------------------- data
+
+DATA_HELP = "see README.md, section Data, for the FineWeb download and `python -m data.make_smoke_data` for the smoke sample"
+
+
+def shard_paths(pattern: str) -> list[Path]:
+    paths = sorted(Path(p) for p in glob.glob(pattern))
+    if not paths:
+        raise FatalError(f"no shards match {pattern}; {DATA_HELP}")
+    return paths
+
+
+def load_data_shard(path: Path, vocab_size: int) -> np.ndarray:
+    """A challenge shard's tokens as uint16, after checking header, size and token range."""
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_BYTES // 4)
+    if header.size < SHARD_HEADER_BYTES // 4 or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise FatalError(f"{path}: not a challenge shard (header needs magic {SHARD_MAGIC} and version {SHARD_VERSION})")
+    n, size = int(header[2]), path.stat().st_size
+    if n < 2 or size != SHARD_HEADER_BYTES + 2 * n:
+        raise FatalError(f"{path}: {size} bytes but the header says {n} tokens ({SHARD_HEADER_BYTES + 2 * n} bytes); truncated or corrupt")
+    tokens = np.fromfile(path, dtype="<u2", count=n, offset=SHARD_HEADER_BYTES)
+    if int(tokens.max()) >= vocab_size:
+        raise FatalError(f"{path}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+    return tokens
+
+
+class TokenStream:
+    """The training shards in order, wrapping around; take(n) returns the next n tokens."""
+
+    def __init__(self, paths: list[Path], vocab_size: int):
+        self.paths, self.vocab_size = paths, vocab_size
+        self.index, self.pos = 0, 0
+        self.tokens = load_data_shard(paths[0], vocab_size)
+
+    def take(self, n: int) -> Tensor:
+        parts = []
+        while n > 0:
+            if self.pos == len(self.tokens):
+                self.index = (self.index + 1) % len(self.paths)
+                self.tokens, self.pos = load_data_shard(self.paths[self.index], self.vocab_size), 0
+            k = min(n, len(self.tokens) - self.pos)
+            parts.append(self.tokens[self.pos:self.pos + k])
+            self.pos, n = self.pos + k, n - k
+        return torch.from_numpy(np.concatenate(parts).astype(np.int64))
+
+
+class DistributedTokenLoader:
+    """Each micro-step takes one contiguous span of micro-batch tokens + 1 per rank from the shared stream,
+    rank r the r-th span, so every world size dividing 8 sees the same 8 micro-batches per step."""
+
+    def __init__(self, args: Hyperparameters, d: Dist):
+        self.args, self.d = args, d
+        self.stream = TokenStream(shard_paths(os.path.join(args.data_path, "fineweb_train_*.bin")), args.vocab_size)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        span = self.args.train_batch_tokens // GLOBAL_MICROBATCHES + 1
+        chunk = self.stream.take(span * self.d.world_size)[self.d.rank * span:(self.d.rank + 1) * span]
+        chunk = chunk.to(self.d.device, non_blocking=True)
+        return chunk[:-1].view(-1, self.args.train_seq_len), chunk[1:].view(-1, self.args.train_seq_len)
+
+
+def load_validation_tokens(args: Hyperparameters) -> Tensor:
+    paths = shard_paths(os.path.join(args.data_path, "fineweb_val_*.bin"))
+    return torch.from_numpy(np.concatenate([load_data_shard(p, args.vocab_size) for p in paths]).astype(np.int32))
+
+
+def build_sentencepiece_luts(sp, vocab_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(base_bytes, has_leading_space, is_boundary_token) per token id, exactly as CHALLENGE.md defines them."""
+    if sp.vocab_size() != vocab_size:
+        raise FatalError(f"the tokenizer has {sp.vocab_size()} pieces but VOCAB_SIZE={vocab_size}")
+    base_bytes = np.zeros(vocab_size, dtype=np.int64)
+    has_space = np.zeros(vocab_size, dtype=bool)
+    is_boundary = np.ones(vocab_size, dtype=bool)
+    for i in range(vocab_size):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        is_boundary[i] = False
+        if sp.is_byte(i):
+            base_bytes[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        has_space[i] = piece.startswith("\u2581")
+        base_bytes[i] = len(piece[int(has_space[i]):].encode("utf-8"))
+    return torch.from_numpy(base_bytes), torch.from_numpy(has_space), torch.from_numpy(is_boundary)
+
+
+def load_tokenizer_luts(args: Hyperparameters) -> tuple[Tensor, Tensor, Tensor]:
+    import sentencepiece as spm
+
+    path = Path(args.tokenizer_path)
+    if not path.is_file():
+        raise FatalError(f"TOKENIZER_PATH={path} does not exist; {DATA_HELP}")
+    try:
+        sp = spm.SentencePieceProcessor(model_file=str(path))
+    except (OSError, RuntimeError) as e:
+        raise FatalError(f"TOKENIZER_PATH={path} is not a SentencePiece model ({e})") from None
+    if sp.bos_id() != BOS_ID:
+        raise FatalError(f"TOKENIZER_PATH={path} has BOS id {sp.bos_id()}, the shards use {BOS_ID}")
+    return build_sentencepiece_luts(sp, args.vocab_size)
+
+
+# ----------------------------------------------------------------------------- model
+
+def rms_norm(x: Tensor) -> Tensor:
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear; the fp32 weight is cast to the activation dtype, STE int6 fake-quantized when qat."""
+
+    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
+        super().__init__(in_features, out_features, bias=False)
+        self.qat = False
+        if zero_init:
+            nn.init.zeros_(self.weight)
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = fake_quant_int6(self.weight) if self.qat else self.weight
+        return F.linear(x, w.to(x.dtype))
+
+
+def apply_rotary(x: Tensor, base: float) -> Tensor:
+    """RoPE over the last dim of [B, H, T, D], positions 0..T-1 of the window."""
+    T, D = x.shape[-2:]
+    inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
+    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+    x1, x2 = x.chunk(2, -1)
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), -1)
+
+
+class ConvMix(nn.Module):
+    """[u, g] = W_in h; m = causal 1D conv and Hilbert 2D conv of u, fused by a per-channel sigmoid gate
+    (one gather conv over both tap sets); y = W_out(silu(g) * m)."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        d, k1, k2 = args.model_dim, args.conv1d_k, args.conv2d_k
+        self.k1 = k1
+        self.w_in = CastedLinear(d, 2 * d)
+        self.w_out = CastedLinear(d, d, zero_init=True)
+        self.taps = nn.Parameter(torch.cat((torch.randn(d, k1) / max(k1, 1) ** 0.5, torch.randn(d, k2 * k2) / max(k2, 1)), 1))
+        self.fuse = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        u, g = self.w_in(x).chunk(2, -1)
+        f = torch.sigmoid(self.fuse)[:, None]
+        w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1)
+        return self.w_out(F.silu(g) * causal_gather_conv_ref(u, table, w))
+
+
+class ChunkMemory(nn.Module):
+    """Grouped-head attention of each token over its own chunk (causally) and its top-k complete earlier
+    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions."""
+
+    def __init__(self, args: Hyperparameters, use_rope: bool):
+        super().__init__()
+        self.args, self.use_rope = args, use_rope
+        d = args.model_dim
+        self.q = CastedLinear(d, d)
+        self.kv = CastedLinear(d, 2 * args.num_kv_heads * args.head_dim)
+        self.proj = CastedLinear(d, d, zero_init=True)
+        self.q_gain = nn.Parameter(torch.full((args.num_heads,), QK_GAIN_INIT))
+
+    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+        a, (B, T, _) = self.args, x.shape
+        q = rms_norm(self.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2))
+        k, v = self.kv(x).view(B, T, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).chunk(2, 1)
+        k = rms_norm(k)
+        if self.use_rope:
+            q, k = apply_rotary(q, a.rope_base), apply_rotary(k, a.rope_base)
+        q = q * self.q_gain.to(q.dtype)[:, None, None]
+        y = chunk_memory_ref(q, k, v, a.mem_chunk, a.mem_topk)
+        return self.proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        hidden = round(args.mlp_mult * args.model_dim)
+        self.fc = CastedLinear(args.model_dim, hidden)
+        self.proj = CastedLinear(hidden, args.model_dim, zero_init=True)
+        self.slope = LEAKY_SLOPE if args.mlp_act == "leaky_relu2" else 0.0
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x0 mix, token mixer, MLP, each branch with a learned per-channel scale."""
+
+    def __init__(self, args: Hyperparameters, mixer: nn.Module):
+        super().__init__()
+        d = args.model_dim
+        self.mixer, self.mlp = mixer, MLP(args)
+        self.mix_scale = nn.Parameter(torch.ones(d))
+        self.mlp_scale = nn.Parameter(torch.ones(d))
+        self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
+
+    def forward(self, x: Tensor, x0: Tensor, table: Tensor) -> Tensor:
+        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
+        x = x + self.mix_scale * self.mixer(rms_norm(x), table)
+        return x + self.mlp_scale * self.mlp(rms_norm(x))
+
+
+class ConvGPT(nn.Module):
+    """Tied embedding -> SmearGate -> RMSNorm -> blocks (ConvMix, every MEM_EVERY-th ChunkMemory) -> RMSNorm
+    -> head with tanh softcap."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.args = args
+        d = args.model_dim
+        self.tok_emb = nn.Embedding(args.vocab_size, d)
+        nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
+        self.smear = nn.Parameter(torch.full((d,), SMEAR_INIT)) if args.smear_gate else None
+        blocks, n_mem = [], 0
+        for i in range(args.num_layers):
+            if args.mem_every and (i + 1) % args.mem_every == 0:
+                rope = args.mem_rope == "all" or (args.mem_rope == "half" and n_mem % 2 == 0)
+                blocks.append(Block(args, ChunkMemory(args, rope)))
+                n_mem += 1
+            else:
+                blocks.append(Block(args, ConvMix(args)))
+        self.blocks = nn.ModuleList(blocks)
+        self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
+        table = conv_taps(max(args.train_seq_len, args.eval_len), args.conv1d_k, args.conv2d_k)
+        self.register_buffer("conv_table", table, persistent=False)
+
+    def smear_previous(self, x: Tensor, input_ids: Tensor) -> Tensor:
+        """SmearGate: blend in the previous position, never into a BOS and never at position 0."""
+        prev = F.pad(x[:, :-1], (0, 0, 1, 0))
+        blend = F.pad((input_ids[:, 1:] != BOS_ID).to(x.dtype), (1, 0))[..., None]
+        return x + torch.sigmoid(self.smear).to(x.dtype) * blend * (prev - x)
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        T = input_ids.shape[1]
+        if T > self.conv_table.shape[0]:
+            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.conv_table.shape[0]}")
+        x = self.tok_emb(input_ids)
+        if self.smear is not None:
+            x = self.smear_previous(x, input_ids)
+        x0 = x = rms_norm(x)
+        for block in self.blocks:
+            x = block(x, x0, self.conv_table[:T])
+        x = rms_norm(x)
+        logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
+        cap = self.args.logit_softcap
+        return cap * torch.tanh(logits.float() / cap)
+
+    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        logits = self.forward_logits(input_ids)
+        return F.cross_entropy(logits.flatten(0, 1), target_ids.flatten())
+
+
+def block_matrices(model: ConvGPT) -> dict[str, CastedLinear]:
+    """The 2-D block weights: Muon-trained, STE int6 during QAT, int6 in the artifact."""
+    return {f"blocks.{name}.weight": m for name, m in model.blocks.named_modules() if isinstance(m, CastedLinear)}
+
+
+def set_qat(model: ConvGPT, on: bool) -> None:
+    for m in block_matrices(model).values():
+        m.qat = on
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def zeropower_via_newtonschulz5(g: Tensor, steps: int) -> Tensor:
+    """Approximately orthogonalise g (U V^T of its SVD) with the quintic Newton-Schulz iteration."""
+    a, b, c = NS_COEFFS
+    x = g.bfloat16() if g.is_cuda else g.float()
+    x = x / (x.norm() + NS_EPS)
+    tall = x.size(0) > x.size(1)
+    if tall:
+        x = x.T
+    for _ in range(steps):
+        s = x @ x.T
+        x = a * x + (b * s + c * s @ s) @ x
+    return x.T if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, then Newton-Schulz orthogonalisation; rank r orthogonalises every world_size-th
+    matrix and one all-reduce shares the updates. Decoupled weight decay."""
+
+    def __init__(self, params: list[Tensor], lr: float, momentum: float, backend_steps: int, weight_decay: float,
+                 orthogonalize: Callable[[Tensor, int], Tensor] = zeropower_via_newtonschulz5):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, weight_decay=weight_decay))
+        self.orthogonalize = orthogonalize
+
+    @torch.no_grad()
+    def step(self) -> None:
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        for group in self.param_groups:
+            params, mom = group["params"], group["momentum"]
+            offsets = [0, *itertools.accumulate(p.numel() for p in params)]
+            flat = torch.zeros(offsets[-1], device=params[0].device, dtype=torch.bfloat16 if params[0].is_cuda else torch.float32)
+            for j in range(rank, len(params), world):
+                p = params[j]
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p.grad))
+                buf.mul_(mom).add_(p.grad)
+                update = self.orthogonalize(p.grad.add(buf, alpha=mom), group["backend_steps"])
+                flat[offsets[j]:offsets[j + 1]] = update.flatten() * max(1.0, p.size(0) / p.size(1)) ** 0.5
+            all_reduce(flat)
+            for j, p in enumerate(params):
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(flat[offsets[j]:offsets[j + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
+
+
+def build_optimizers(model: ConvGPT, args: Hyperparameters, orthogonalize: Callable) -> list[torch.optim.Optimizer]:
+    matrices = [m.weight for m in block_matrices(model).values()]
+    matrix_ids = {id(p) for p in matrices}
+    scalars = [p for p in model.blocks.parameters() if id(p) not in matrix_ids]
+    scalars += [model.smear] if model.smear is not None else []
+    groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr if args.tie_embeddings else args.embed_lr),
+              dict(params=scalars, lr=args.scalar_lr)]
+    groups += [dict(params=[model.lm_head.weight], lr=args.head_lr)] if model.lm_head is not None else []
+    adam = torch.optim.Adam(groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=model.tok_emb.weight.is_cuda)
+    muon = Muon(matrices, args.matrix_lr, args.muon_momentum, args.muon_backend_steps, args.muon_weight_decay, orthogonalize)
+    for opt in (adam, muon):
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return [adam, muon]
+
+
+def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
+    """Linear warmdown to 0 over the last WARMDOWN_ITERS steps, or over as much time as they take once the
+    wallclock cap is what ends the run (whichever schedule is further along)."""
+    if args.warmdown_iters <= 0:
+        return 1.0
+    by_step = min((args.iterations - step) / args.warmdown_iters, 1.0)
+    if args.max_wallclock_seconds <= 0:
+        return max(by_step, 0.0)
+    warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
+    remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+    return max(min(by_step, remaining_ms / max(warmdown_ms, 1e-9)), 0.0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def eval_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first_scored) over input positions: window inputs [start, end) score the targets of
+    positions [first_scored, end). Ends advance by stride, so each target is scored exactly once with at
+    least seq_len - stride tokens of context; every window is seq_len long unless fewer targets exist."""
+    ends = [*range(min(seq_len, n_targets), n_targets, stride), n_targets]
+    return [(max(0, end - seq_len), end, prev) for prev, end in zip([0, *ends[:-1]], ends)]
+
+
+@torch.no_grad()
+def eval_val(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], seq_len: int,
+             stride: int | None = None, batch_seqs: int = 8, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """(val_loss in nats, val_bpb) of model.forward_logits over val_tokens; plain windows when stride is
+    None or seq_len, sliding ones otherwise. Sums are float64 and all-reduced across ranks."""
+    device = next(model.parameters()).device
+    base_bytes, has_space, is_boundary = (t.to(device) for t in luts)
+    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride or seq_len)
+    mine = windows[rank * len(windows) // world_size:(rank + 1) * len(windows) // world_size]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
+    for i in range(0, len(mine), batch_seqs):
+        batch = torch.tensor(mine[i:i + batch_seqs])
+        length = int(batch[0, 1] - batch[0, 0])
+        tokens = val_tokens[batch[:, :1] + torch.arange(length + 1)].to(device).long()
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        with autocast(device):
+            logits = model.forward_logits(x)
+        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        scored = torch.arange(length, device=device) >= (batch[:, 2:] - batch[:, :1]).to(device)
+        n_bytes = base_bytes[y] + (has_space[y] & ~is_boundary[x])
+        sums += torch.stack((nll[scored].double().sum(), scored.sum().double(), n_bytes[scored].double().sum()))
+    all_reduce(sums)
+    loss = (sums[0] / sums[1]).item()
+    return loss, loss / math.log(2) * (sums[1] / sums[2]).item()
+
+
+# ----------------------------------------------------------------------------- export
+
+def quant_plan(model: ConvGPT) -> dict[str, str]:
+    matrices = block_matrices(model)
+    embeddings = ("tok_emb.weight", "lm_head.weight")
+    return {name: "int6" if name in matrices else model.args.embed_quant if name in embeddings else "fp16"
+            for name in model.state_dict()}
+
+
+def code_bytes() -> int:
+    return sum(Path(__file__).with_name(name).stat().st_size for name in COUNTED_CODE)
+
+
+def export_artifact(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> None:
+    """Quantize, pack and atomically write the artifact on rank 0, only if finite and under the cap."""
+    args = model.args
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    blob = pack(quantize_state_dict(state, quant_plan(model), CLIP_RATIOS if args.clip_search else (1.0,)))
+    total = len(blob) + code_bytes()
+    log(f"artifact bytes_model:{len(blob)} bytes_code:{code_bytes()} bytes_total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
+    if not all(t.isfinite().all() for t in dequantize_state_dict(unpack(blob)).values()):
+        raise FatalError("the quantized weights are not finite; no artifact written")
+    if total > ARTIFACT_LIMIT_BYTES:
+        raise FatalError(f"artifact of {total} bytes is over the {ARTIFACT_LIMIT_BYTES}-byte cap; not written "
+                         f"(shrink NUM_LAYERS, MODEL_DIM or MLP_MULT)")
+    if d.is_main:
+        path = Path(args.artifact_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def load_artifact(model: ConvGPT) -> int:
+    """Load ARTIFACT_PATH into model (dequantized); returns its size in bytes."""
+    path = Path(model.args.artifact_path)
+    if not path.is_file():
+        raise FatalError(f"ARTIFACT_PATH={path} does not exist")
+    blob = path.read_bytes()
+    try:
+        state = dequantize_state_dict(unpack(blob))
+    except ValueError as e:
+        raise FatalError(f"ARTIFACT_PATH={path}: {e}") from None
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())[:300]
+        raise FatalError(f"ARTIFACT_PATH={path} does not match the model settings: {detail}") from None
+    return len(blob)
+
+
+def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None) -> tuple[float, float, float]:
+    """eval_val at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
+    args = model.args
+    t0 = time.perf_counter()
+    batch_seqs = max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
+    loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
+    return loss, bpb, 1000 * (time.perf_counter() - t0)
+
+
+def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None]) -> None:
+    loss, bpb, ms = evaluate(model, val_tokens, luts, d)
+    log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+    log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    stride = model.args.eval_stride
+    loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride)
+    log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+
+
+# ----------------------------------------------------------------------------- training loop
+
+def sync_gradients(params: list[Tensor], world_size: int) -> None:
+    if world_size > 1:
+        grads = [p.grad for p in params]
+        flat = all_reduce(torch.cat([g.flatten() for g in grads])) / world_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLoader, optimizers, d: Dist,
+               step: int, lr_mul: float) -> Tensor:
+    """One optimizer step over this rank's micro-batches; returns this rank's mean loss (not reduced)."""
+    args = model.args
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total = torch.zeros((), device=d.device)
+    for _ in range(d.grad_accum):
+        x, y = loader.next_batch()
+        with autocast(d.device):
+            loss = step_model(x, y)
+        (loss / d.grad_accum).backward()
+        total += loss.detach()
+    params = list(model.parameters())
+    sync_gradients(params, d.world_size)
+    if args.grad_clip_norm > 0:
+        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+    warm = min(step / max(args.muon_momentum_warmup_steps, 1), 1.0)
+    optimizers[1].param_groups[0]["momentum"] = (1 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * lr_mul
+        opt.step()
+    return total / d.grad_accum
+
+
+def warmup_and_reset(model: ConvGPT, step_model: nn.Module, optimizers, d: Dist) -> None:
+    """Run WARMUP_STEPS steps (compilation, with QAT on for the second half when QAT starts late), then put
+    model and optimizers back to their initial state."""
+    args = model.args
+    if args.warmup_steps == 0:
+        return
+    model_state = copy.deepcopy(model.state_dict())
+    opt_states = [copy.deepcopy(opt.state_dict()) for opt in optimizers]
+    loader = DistributedTokenLoader(args, d)
+    for i in range(args.warmup_steps):
+        set_qat(model, args.qat and (args.qat_start_frac == 0 or 2 * i >= args.warmup_steps))
+        train_step(model, step_model, loader, optimizers, d, 0, 1.0)
+    model.load_state_dict(model_state)
+    for opt, state in zip(optimizers, opt_states):
+        opt.load_state_dict(state)
+
+
+def check_finite(first_bad_step: Tensor) -> None:
+    bad = int(all_reduce(first_bad_step.clone(), dist.ReduceOp.MAX).item())
+    if bad >= 0:
+        raise FatalError(f"non-finite training loss at step {bad}; stopped, no artifact written")
+
+
+def train(model: ConvGPT, step_model: nn.Module, optimizers, d: Dist, val_tokens: Tensor, luts,
+          log: Callable[[str], None]) -> None:
+    """The timed training loop; the model leaves it holding the EMA of its weights, QAT off."""
+    args = model.args
+    loader = DistributedTokenLoader(args, d)
+    params = list(model.parameters())
+    ema = [p.detach().float().clone() for p in params]
+    max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else math.inf
+    first_bad = torch.full((), -1, dtype=torch.int64, device=d.device)
+    train_ms, step, stop_after = 0.0, 0, None
+    sync(d.device)
+    t0 = time.perf_counter()
+    while step < args.iterations and step != stop_after:
+        elapsed_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        set_qat(model, args.qat and max(step / args.iterations, elapsed_ms / max_ms) >= args.qat_start_frac)
+        loss = train_step(model, step_model, loader, optimizers, d, step, lr_multiplier(args, step, elapsed_ms))
+        first_bad = torch.where(loss.isfinite() | (first_bad >= 0), first_bad, step + 1)
+        decay = min(args.ema_decay, (1 + step) / (EMA_WARMUP + step))
+        torch._foreach_lerp_(ema, [p.detach().float() for p in params], 1 - decay)
+        step += 1
+        sync(d.device)
+        approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        if step % args.train_log_every == 0 or step == args.iterations:
+            check_finite(first_bad)
+            mean_loss = all_reduce(loss.clone()).item() / d.world_size
+            log(f"step:{step}/{args.iterations} train_loss:{mean_loss:.4f} train_time:{approx_ms:.0f}ms "
+                f"step_avg:{approx_ms / step:.2f}ms tok_s:{args.train_batch_tokens * step / approx_ms * 1000:.0f}")
+        if args.val_loss_every and step % args.val_loss_every == 0:
+            train_ms = approx_ms
+            val_loss, val_bpb, _ = evaluate(model, val_tokens, luts, d)
+            log(f"step:{step}/{args.iterations} val_loss:{val_loss:.4f} val_bpb:{val_bpb:.4f} train_time:{train_ms:.0f}ms")
+            t0 = time.perf_counter()
+        reached = torch.tensor(float(approx_ms >= max_ms), device=d.device)
+        if stop_after is None and all_reduce(reached, dist.ReduceOp.MAX).item() > 0:
+            stop_after = step
+    check_finite(first_bad)
+    train_ms = train_ms + 1000 * (time.perf_counter() - t0)
+    log(f"stopping_early:{stop_after is not None} step:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+    with torch.no_grad():
+        for p, e in zip(params, ema):
+            p.copy_(e)
+    set_qat(model, False)
+
+
+# ----------------------------------------------------------------------------- main
+
+def make_logger(args: Hyperparameters, d: Dist) -> Callable[[str], None]:
+    if not d.is_main:
+        return lambda message: None
+    path = Path("logs") / f"{args.run_id}.txt"
+    path.parent.mkdir(exist_ok=True)
+
+    def log(message: str) -> None:
+        print(message, flush=True)
+        with path.open("a") as f:
+            print(message, file=f)
+    return log
+
+
+def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> tuple[ConvGPT, nn.Module]:
+    """The model on its device, and the callable that training steps through (compiled on request)."""
+    torch.manual_seed(args.seed)
+    model = ConvGPT(args).to(d.device)
+    use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} "
+        f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile}")
+    if not use_compile:
+        return model, model
+    model.forward_logits = torch.compile(model.forward_logits, dynamic=False)
+    return model, torch.compile(model, dynamic=False)
+
+
+def run(env: Mapping[str, str]) -> None:
+    args = Hyperparameters.from_env(env)
+    d = init_distributed(env)
+    log = make_logger(args, d)
+    for warning in typo_warnings(env):
+        log(warning)
+    for key, value in sorted(asdict(args).items()):
+        log(f"hp {key}:{value}")
+    log(f"world_size:{d.world_size} grad_accum:{d.grad_accum} device:{d.device} torch:{torch.__version__}")
+    luts = load_tokenizer_luts(args)
+    val_tokens = load_validation_tokens(args)
+    log(f"val_tokens:{val_tokens.numel()}")
+    model, step_model = build_model(args, d, log)
+    if not args.eval_only:
+        orthogonalize = torch.compile(zeropower_via_newtonschulz5) if step_model is not model else zeropower_via_newtonschulz5
+        optimizers = build_optimizers(model, args, orthogonalize)
+        warmup_and_reset(model, step_model, optimizers, d)
+        train(model, step_model, optimizers, d, val_tokens, luts, log)
+        loss, bpb, ms = evaluate(model, val_tokens, luts, d)
+        log(f"final_ema_prequant val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+        export_artifact(model, d, log)
+    bytes_model = load_artifact(model)
+    if args.eval_only:
+        total = bytes_model + code_bytes()
+        log(f"artifact bytes_model:{bytes_model} bytes_code:{code_bytes()} bytes_total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
+    final_evaluation(model, val_tokens, luts, d, log)
+
+
+def main() -> None:
+    try:
+        run(os.environ)
+    except FatalError as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
