@@ -1,0 +1,75 @@
+"""Hyperparameters from the environment: parsing, validation, typo warnings, no side effects at import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import fields
+
+import pytest
+
+import train_gpt as tg
+from conftest import ROOT
+
+
+def test_defaults_and_overrides():
+    args = tg.Hyperparameters.from_env({})
+    assert (args.num_layers, args.model_dim, args.vocab_size, args.train_seq_len) == (9, 512, 1024, 1024)
+    assert args.eval_len == 1024 and args.head_dim == 64
+    args = tg.Hyperparameters.from_env({"NUM_LAYERS": "11", "MEM_TOPK": "8", "QAT": "false", "MATRIX_LR": "0.02",
+                                        "EVAL_SEQ_LEN": "2048", "RUN_ID": "x"})
+    assert (args.num_layers, args.mem_topk, args.qat, args.matrix_lr, args.eval_len, args.run_id) == (11, 8, False, 0.02, 2048, "x")
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"NUM_LAYERS": "two"}, "NUM_LAYERS='two' is not a valid int"),
+    ({"QAT": "maybe"}, "QAT='maybe' is not a valid 0/1"),
+    ({"MATRIX_LR": "nan"}, "MATRIX_LR='nan'"),
+    ({"TRAIN_SEQ_LEN": "70000"}, "Hilbert grid"),
+    ({"EVAL_SEQ_LEN": "65537"}, "Hilbert grid"),
+    ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS=1000"),
+    ({"MODEL_DIM": "100", "NUM_HEADS": "3"}, "MODEL_DIM=100"),
+    ({"NUM_KV_HEADS": "3"}, "NUM_KV_HEADS=3"),
+    ({"CONV2D_K": "4"}, "CONV2D_K=4"),
+    ({"CONV1D_K": "0", "CONV2D_K": "0"}, "no taps"),
+    ({"EVAL_STRIDE": "0"}, "EVAL_STRIDE=0"),
+    ({"MLP_ACT": "gelu"}, "MLP_ACT='gelu' must be one of"),
+    ({"MEM_ROPE": "some"}, "MEM_ROPE"),
+    ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000"),
+    ({"QAT_START_FRAC": "1.5"}, "QAT_START_FRAC=1.5"),
+])
+def test_bad_values_name_the_variable(env, needle):
+    with pytest.raises(tg.FatalError, match=needle.replace("(", r"\(")):
+        tg.Hyperparameters.from_env(env)
+
+
+def test_typo_warnings_suggest_the_setting():
+    env = {"NUM_LAYER": "3", "MEM_TPOK": "2", "num_heads": "4", "EVAL_STRIDES": "32", "HOME": "/root", "PATH": "/bin",
+           "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1", "MASTER_PORT": "1", "NUM_LAYERS": "3"}
+    warnings = tg.typo_warnings(env)
+    assert warnings == [
+        "warning: env EVAL_STRIDES is not a setting; did you mean EVAL_STRIDE?",
+        "warning: env MEM_TPOK is not a setting; did you mean MEM_TOPK?",
+        "warning: env NUM_LAYER is not a setting; did you mean NUM_LAYERS?",
+        "warning: env num_heads is not a setting; did you mean NUM_HEADS?",
+    ]
+
+
+def test_one_edit_apart():
+    assert tg.one_edit_apart("SEED", "SEEDS") and tg.one_edit_apart("SEDE", "SEED") and tg.one_edit_apart("SEAD", "SEED")
+    assert not tg.one_edit_apart("SEED", "SPEED_") and not tg.one_edit_apart("ESDE", "SEED") and not tg.one_edit_apart("AB", "BA_")
+
+
+def test_every_field_has_an_env_name_and_a_parsable_default():
+    for f in fields(tg.Hyperparameters):
+        assert type(f.default) in (str, int, float, bool)
+        assert tg.parse_value(f.name.upper(), str(f.default), type(f.default)) == f.default
+
+
+def test_import_has_no_side_effects(tmp_path):
+    code = ("import os, torch.distributed as dist, train_gpt; "
+            "print(dist.is_initialized(), os.listdir('.'))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env={"PYTHONPATH": str(ROOT), "NUM_LAYERS": "oops"},
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False []"

@@ -1,0 +1,115 @@
+"""val_bpb accounting: sentencepiece byte LUTs (real sp1024), window coverage, exactness of eval_val."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import train_gpt as tg
+from conftest import NO_SHARED, SP1024
+
+
+@pytest.fixture(scope="module")
+def sp():
+    if not SP1024.is_file():
+        pytest.skip(NO_SHARED)
+    import sentencepiece as spm
+    return spm.SentencePieceProcessor(model_file=str(SP1024))
+
+
+def token_bytes(ids: list[int], luts) -> list[int]:
+    """Bytes of each target ids[i] (i >= 1) given the previous token ids[i - 1]."""
+    base, space, boundary = luts
+    return [int(base[y]) + int(bool(space[y]) and not bool(boundary[x])) for x, y in zip(ids, ids[1:])]
+
+
+def test_luts_special_pieces(sp):
+    base, space, boundary = tg.build_sentencepiece_luts(sp, 1024)
+    assert boundary[:4].all() and (base[:4] == 0).all()
+    assert (base[4:260] == 1).all() and not space[4:260].any() and not boundary[4:260].any()
+    assert sp.id_to_piece(939) == "\u2581" and base[939] == 0 and space[939]
+
+
+def test_bytes_hand_computed_with_byte_fallback(sp):
+    text = "Hello world, 東京 🙂 12"
+    ids = sp.encode(text)
+    assert [sp.id_to_piece(i) for i in ids] == [
+        "H", "ell", "o", "▁wor", "ld", ",", "▁", "<0xE6>", "<0x9D>", "<0xB1>", "<0xE4>", "<0xBA>", "<0xAC>",
+        "▁", "<0xF0>", "<0x9F>", "<0x99>", "<0x82>", "▁", "1", "2"]
+    per_token = token_bytes([tg.BOS_ID, *ids], tg.build_sentencepiece_luts(sp, 1024))
+    assert per_token == [1, 3, 1, 4, 2, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1]
+    assert sum(per_token) == len(text.encode("utf-8")) == 27
+
+
+def test_leading_space_after_bos_is_not_counted(sp):
+    """nmt_nfkc strips a document's leading space, so a "▁" piece right after BOS adds no space byte."""
+    luts = tg.build_sentencepiece_luts(sp, 1024)
+    wor, ld = sp.piece_to_id("▁wor"), sp.piece_to_id("ld")
+    assert sp.encode(" world") == sp.encode("world") != [wor, ld]
+    assert token_bytes([tg.BOS_ID, wor, ld], luts) == [3, 2]
+    assert token_bytes([ld, wor, ld], luts) == [4, 2]
+    assert token_bytes([sp.piece_to_id("<0x41>"), wor], luts) == [4]
+
+
+def test_vocab_mismatch_is_an_error(sp):
+    with pytest.raises(tg.FatalError, match="1024 pieces but VOCAB_SIZE=2048"):
+        tg.build_sentencepiece_luts(sp, 2048)
+
+
+@pytest.mark.parametrize("n,seq_len,stride", [(1000, 64, 64), (1000, 64, 24), (1000, 64, 1), (30, 64, 16), (64, 64, 16),
+                                              (65, 64, 64), (129, 32, 31)])
+def test_windows_score_every_target_once_with_full_context(n, seq_len, stride):
+    windows = tg.eval_windows(n, seq_len, stride)
+    scored = [p for _, end, first in windows for p in range(first, end)]
+    assert scored == list(range(n))
+    for start, end, first in windows:
+        assert end - start == min(seq_len, n) and start <= first < end
+        assert start == 0 or first - start >= seq_len - stride
+
+
+class Bigram(nn.Module):
+    """Context-free logits: its loss on a target does not depend on the window it is scored in."""
+
+    def __init__(self, vocab: int):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(vocab, vocab))
+
+    def forward_logits(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table[ids]
+
+
+def random_luts(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(0, 4, (vocab,), generator=g), torch.rand(vocab, generator=g) < 0.4,
+            torch.rand(vocab, generator=g) < 0.1)
+
+
+@pytest.mark.parametrize("n,seq_len,stride,batch", [(1001, 64, None, 4), (1001, 64, 24, 3), (1001, 64, 64, 5),
+                                                    (31, 64, 16, 2), (300, 16, 1, 64)])
+def test_eval_val_is_exact(n, seq_len, stride, batch):
+    torch.manual_seed(n)
+    vocab = 50
+    model, luts = Bigram(vocab), random_luts(vocab)
+    tokens = torch.randint(0, vocab, (n,), dtype=torch.int32)
+    tokens[::37] = 1
+    x, y = tokens[:-1].long(), tokens[1:].long()
+    nll = F.cross_entropy(model.table[x].double(), y, reduction="sum").item()
+    n_bytes = sum(token_bytes(tokens.tolist(), luts))
+    loss, bpb = tg.eval_val(model, tokens, luts, seq_len, stride=stride, batch_seqs=batch)
+    assert loss == pytest.approx(nll / (n - 1), rel=1e-6)
+    assert bpb == pytest.approx(nll / math.log(2) / n_bytes, rel=1e-6)
+
+
+def test_plain_equals_sliding_at_full_stride_and_context_helps():
+    from test_model import random_model
+
+    model = random_model({})
+    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32)
+    luts = random_luts(1024)
+    plain = tg.eval_val(model, tokens, luts, 128)
+    assert tg.eval_val(model, tokens, luts, 128, stride=128, batch_seqs=3) == plain
+    assert tg.eval_val(model, tokens, luts, 128, stride=32)[0] != plain[0]

@@ -1,0 +1,122 @@
+"""ConvGPT model: contracts, causality of the whole model in every mixer configuration, size under the cap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+from quantize import pack, quantize_state_dict
+
+T = 128
+# chunk edges (MEM_CHUNK=16): kC-1, kC, kC+1; Hilbert quadrant edges 4^m - 1; inside a chunk; the last token
+EDGES = [0, 3, 15, 16, 17, 21, 31, 32, 33, 63, 64, 65, 100, 126]
+CONFIGS = {
+    "default": {},
+    "dense_attention": {"MEM_EVERY": "1", "MEM_TOPK": "1000"},
+    "conv_only": {"MEM_EVERY": "0"},
+    "conv1d_only": {"MEM_EVERY": "0", "CONV2D_K": "0"},
+    "rope_all_untied_relu2": {"MEM_ROPE": "all", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
+    "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
+}
+
+
+def random_model(overrides: dict[str, str], seed: int = 0) -> tg.ConvGPT:
+    """A small model with every weight random (zero-initialised projections would hide leaks)."""
+    env = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN=str(T),
+               MEM_CHUNK="16", MEM_TOPK="2", MEM_EVERY="2")
+    torch.manual_seed(seed)
+    model = tg.ConvGPT(tg.Hyperparameters.from_env({**env, **overrides}))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.5)
+    return model
+
+
+def token_batch(seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 1024, (2, T), generator=g)
+    ids[:, [0, 40, 77]] = tg.BOS_ID
+    return ids
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("qat", [False, True])
+def test_future_tokens_never_change_earlier_logits(name, qat):
+    model = random_model(CONFIGS[name])
+    tg.set_qat(model, qat)
+    ids = token_batch()
+    with torch.no_grad():
+        full = model.forward_logits(ids)
+        for t in EDGES:
+            changed = ids.clone()
+            changed[:, t + 1:] = torch.randint(0, 1024, changed[:, t + 1:].shape)
+            out = model.forward_logits(changed)
+            assert torch.equal(out[:, :t + 1], full[:, :t + 1]), f"position <= {t} saw a later token"
+            assert not torch.equal(out[:, t + 1:], full[:, t + 1:])
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_gradient_to_later_inputs_is_exactly_zero(name):
+    model = random_model(CONFIGS[name])
+    captured = {}
+    model.tok_emb.register_forward_hook(lambda module, args, out: captured.setdefault("emb", out))
+    logits = model.forward_logits(token_batch())
+    for t in EDGES:
+        (grad,) = torch.autograd.grad(logits[:, t].sum(), captured["emb"], retain_graph=True)
+        assert (grad[:, t + 1:] == 0).all(), f"logits at {t} have a gradient from a later input"
+        assert (grad[:, t] != 0).any()
+
+
+@pytest.mark.parametrize("name", ["default", "dense_attention"])
+def test_prefix_logits_equal_prefix_of_full_logits(name):
+    model = random_model(CONFIGS[name])
+    ids = token_batch()
+    with torch.no_grad():
+        full = model.forward_logits(ids)
+        for t in [1, 16, 17, 33, 64, 100]:
+            torch.testing.assert_close(model.forward_logits(ids[:, :t]), full[:, :t], rtol=1e-5, atol=1e-5)
+
+
+def test_smear_gate_never_blends_into_bos_or_position_zero():
+    model = random_model({})
+    x = torch.randn(2, 10, 64)
+    ids = torch.randint(2, 1024, (2, 10))
+    ids[0, 4] = tg.BOS_ID
+    out = model.smear_previous(x, ids)
+    assert torch.equal(out[:, 0], x[:, 0]) and torch.equal(out[0, 4], x[0, 4])
+    assert not torch.equal(out[0, 5], x[0, 5]) and not torch.equal(out[1, 4], x[1, 4])
+
+
+def test_forward_contracts():
+    model = random_model({})
+    ids, targets = token_batch(1), token_batch(2)
+    logits = model.forward_logits(ids)
+    assert logits.dtype == torch.float32 and logits.shape == (2, T, 1024)
+    assert logits.abs().max() <= model.args.logit_softcap
+    torch.testing.assert_close(model(ids, targets), F.cross_entropy(logits.flatten(0, 1), targets.flatten()))
+    with pytest.raises(ValueError, match="longer"):
+        model.forward_logits(torch.zeros(1, T + 1, dtype=torch.long))
+
+
+def test_mixer_layout_and_rope_hybrid():
+    model = tg.ConvGPT(tg.Hyperparameters.from_env(dict(NUM_LAYERS="6", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1")))
+    kinds = [type(b.mixer).__name__ for b in model.blocks]
+    assert kinds == ["ConvMix", "ChunkMemory"] * 3
+    assert [b.mixer.use_rope for b in model.blocks[1::2]] == [True, False, True]
+
+
+def test_default_config_fits_the_cap_even_with_incompressible_weights(capsys):
+    """Every block matrix Gaussian (the worst case for int6 + zstd; trained weights compress better)."""
+    model = tg.ConvGPT(tg.Hyperparameters.from_env({}))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert 20_000_000 <= n_params <= 24_000_000
+    with torch.no_grad():
+        for m in tg.block_matrices(model).values():
+            m.weight.normal_(0, m.weight.shape[1] ** -0.5)
+    blob = pack(quantize_state_dict(model.state_dict(), tg.quant_plan(model), tg.CLIP_RATIOS))
+    total = len(blob) + tg.code_bytes()
+    with capsys.disabled():
+        print(f"\ndefault config: params:{n_params} bytes_model:{len(blob)} bytes_code:{tg.code_bytes()} bytes_total:{total}")
+    assert total < tg.ARTIFACT_LIMIT_BYTES - 500_000

@@ -1,0 +1,199 @@
+"""train_gpt.py end to end on CPU: final lines, artifact, determinism, EVAL_ONLY, torchrun equivalence,
+every bad input of DESIGN.md, and a real-text run that must beat the unigram bpb."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import train_gpt as tg
+from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, SP1024, log_values, run_trainer, train_losses, trainer_env
+
+FINAL_PREFIXES = ("final_ema_prequant", "artifact", "final_int6_zstd_roundtrip ", "final_int6_zstd_roundtrip_exact",
+                  "final_sliding_window")
+
+
+@pytest.fixture(scope="module")
+def reference_run(smoke_data, tmp_path_factory):
+    """One full tiny run (seed 7) whose log, losses and artifact several tests compare against."""
+    workdir = tmp_path_factory.mktemp("reference")
+    out = run_trainer(trainer_env(smoke_data, workdir, TRAIN_SEQ_LNE="64"), workdir)
+    assert out.returncode == 0, out.stderr
+    return workdir, out.stdout
+
+
+def test_run_prints_final_lines_and_writes_the_artifact(reference_run):
+    workdir, stdout = reference_run
+    lines = stdout.splitlines()
+    assert "warning: env TRAIN_SEQ_LNE is not a setting; did you mean TRAIN_SEQ_LEN?" in lines
+    hp = [line for line in lines if line.startswith("hp ")]
+    assert hp == sorted(hp) and len(hp) == len(tg.Hyperparameters.__dataclass_fields__)
+    order = [next(i for i, line in enumerate(lines) if line.startswith(p)) for p in FINAL_PREFIXES]
+    assert order == sorted(order)
+    art = log_values(stdout, "artifact")
+    artifact = workdir / "model.ptz"
+    code = sum((ROOT / name).stat().st_size for name in tg.COUNTED_CODE)
+    assert int(art["bytes_model"]) == artifact.stat().st_size and int(art["bytes_code"]) == code
+    assert int(art["bytes_total"]) == artifact.stat().st_size + code and art["limit"] == "16000000"
+    exact = log_values(stdout, "final_int6_zstd_roundtrip_exact")
+    assert len(exact["val_bpb"].split(".")[1]) == 8 and 0 < float(exact["val_bpb"]) < 10
+    sliding = log_values(stdout, "final_sliding_window")
+    assert sliding["stride"] == "32" and math.isfinite(float(sliding["val_bpb"]))
+    assert (workdir / "logs" / "convgpt.txt").read_text() == stdout
+    losses = train_losses(stdout)
+    assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+def test_same_seed_same_losses_other_seed_differs(reference_run, smoke_data, tmp_path):
+    _, stdout = reference_run
+    again = run_trainer(trainer_env(smoke_data, tmp_path), tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert train_losses(again.stdout) == train_losses(stdout)
+    assert log_values(again.stdout, "final_int6_zstd_roundtrip_exact") == log_values(stdout, "final_int6_zstd_roundtrip_exact")
+    other = run_trainer(trainer_env(smoke_data, tmp_path, SEED="8", ITERATIONS="2"), tmp_path)
+    assert other.returncode == 0, other.stderr
+    assert train_losses(other.stdout)[:2] != train_losses(stdout)[:2]
+
+
+def test_eval_only_reproduces_the_roundtrip_score(reference_run, smoke_data, tmp_path):
+    workdir, stdout = reference_run
+    artifact = workdir / "model.ptz"
+    before = artifact.read_bytes()
+    out = run_trainer(trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(artifact)), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "train_loss" not in out.stdout and artifact.read_bytes() == before
+    for prefix in ("final_int6_zstd_roundtrip_exact", "final_sliding_window", "artifact"):
+        again, first = log_values(out.stdout, prefix), log_values(stdout, prefix)
+        assert again.pop("eval_time", None) is not None or prefix != "final_sliding_window"
+        first.pop("eval_time", None)
+        assert again == first
+
+
+def test_two_process_gloo_matches_one_process_with_accumulation(reference_run, smoke_data, tmp_path):
+    _, stdout = reference_run
+    out = run_trainer(trainer_env(smoke_data, tmp_path), tmp_path, nproc=2)
+    assert out.returncode == 0, out.stderr
+    assert "grad_accum:4" in out.stdout and "world_size:2" in out.stdout
+    np.testing.assert_allclose(train_losses(out.stdout), train_losses(stdout), rtol=1e-4)
+    two = float(log_values(out.stdout, "final_sliding_window")["val_bpb"])
+    assert two == pytest.approx(float(log_values(stdout, "final_sliding_window")["val_bpb"]), abs=2e-4)
+
+
+def copy_dataset(smoke_data, dest: Path) -> Path:
+    shutil.copytree(smoke_data["data"], dest)
+    return dest
+
+
+def corrupt_header(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[0:4] = (12345).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[:-3])
+
+
+def big_token(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[1024 + 20:1024 + 22] = (2000).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("case,env,damage,needle", [
+    ("missing_data", {"DATA_PATH": "/nonexistent/data"}, None, "no shards match /nonexistent/data/fineweb_val_*.bin"),
+    ("bad_magic", {}, ("fineweb_train_000000.bin", corrupt_header), "not a challenge shard"),
+    ("truncated_shard", {}, ("fineweb_val_000000.bin", truncate), "truncated or corrupt"),
+    ("token_out_of_range", {}, ("fineweb_train_000000.bin", big_token), "token id 2000 >= VOCAB_SIZE=1024"),
+    ("vocab_mismatch", {"VOCAB_SIZE": "2048"}, None, "tokenizer has 1024 pieces but VOCAB_SIZE=2048"),
+    ("missing_tokenizer", {"TOKENIZER_PATH": "/nonexistent/tok.model"}, None, "TOKENIZER_PATH=/nonexistent/tok.model does not exist"),
+    ("unparsable_env", {"NUM_LAYERS": "two"}, None, "NUM_LAYERS='two' is not a valid int"),
+    ("world_size", {"WORLD_SIZE": "3"}, None, "WORLD_SIZE=3 must divide 8"),
+    ("beyond_hilbert_grid", {"TRAIN_SEQ_LEN": "131072"}, None, "Hilbert grid"),
+    ("non_finite_loss", {"MATRIX_LR": "1e30", "SCALAR_LR": "1e30", "TIED_EMBED_LR": "1e30"}, None, "non-finite training loss at step "),
+])
+def test_bad_input_is_one_line_exit_2_and_keeps_the_artifact(case, env, damage, needle, smoke_data, tmp_path):
+    if damage:
+        data = copy_dataset(smoke_data, tmp_path / "data")
+        damage[1](data / damage[0])
+        env = {**env, "DATA_PATH": str(data)}
+    artifact = tmp_path / "model.ptz"
+    artifact.write_bytes(b"a good artifact from an earlier run")
+    out = run_trainer(trainer_env(smoke_data, tmp_path, **env), tmp_path)
+    assert out.returncode == 2, (out.stdout[-2000:], out.stderr)
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith("error: ")
+    assert needle in out.stderr and "Traceback" not in out.stderr + out.stdout
+    assert artifact.read_bytes() == b"a good artifact from an earlier run"
+
+
+@pytest.mark.parametrize("case,blob,env,needle", [
+    ("truncated", lambda good: good[:-10], {}, "truncated or corrupt"),
+    ("foreign", lambda good: b"PK\x03\x04" + good[4:], {}, "ARTIFACT_PATH="),
+    ("other_settings", lambda good: good, {"NUM_LAYERS": "3"}, "does not match the model settings"),
+    ("missing", None, {}, "does not exist"),
+])
+def test_bad_artifact_in_eval_only(case, blob, env, needle, reference_run, smoke_data, tmp_path):
+    artifact = tmp_path / "model.ptz"
+    if blob:
+        artifact.write_bytes(blob((reference_run[0] / "model.ptz").read_bytes()))
+    out = run_trainer(trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", **env), tmp_path)
+    assert out.returncode == 2 and out.stderr.startswith("error: ") and needle in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_oversize_artifact_is_refused_and_not_written(smoke_data, tmp_path):
+    env = dict(NUM_LAYERS="12", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", MLP_MULT="3", ITERATIONS="1",
+               WARMUP_STEPS="0", TRAIN_BATCH_TOKENS="512", MEM_EVERY="2")
+    artifact = tmp_path / "model.ptz"
+    artifact.write_bytes(b"a good artifact from an earlier run")
+    out = run_trainer(trainer_env(smoke_data, tmp_path, **env), tmp_path, timeout=600)
+    assert out.returncode == 2 and "over the 16000000-byte cap; not written" in out.stderr, out.stderr
+    assert artifact.read_bytes() == b"a good artifact from an earlier run"
+
+
+def unigram_bpb(train: np.ndarray, val: np.ndarray, luts) -> float:
+    counts = np.bincount(train, minlength=1024) + 0.5
+    logp = np.log2(counts / counts.sum())
+    base, space, boundary = (t.numpy() for t in luts)
+    n_bytes = base[val[1:]] + (space[val[1:]] & ~boundary[val[:-1]])
+    return float(-logp[val[1:]].sum() / n_bytes.sum())
+
+
+@pytest.mark.skipif(not FINEWEB_SAMPLE.is_dir() or not SP1024.is_file(), reason=NO_SHARED)
+def test_real_fineweb_run_beats_unigram(tmp_path):
+    import sentencepiece as spm
+    from data.common import write_shard
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "fineweb_train_000000.bin").symlink_to(FINEWEB_SAMPLE / "fineweb_train_000000.bin")
+    val = tg.load_data_shard(FINEWEB_SAMPLE / "fineweb_val_000000.bin", 1024)[:40_000]
+    write_shard(data / "fineweb_val_000000.bin", val)
+    luts = tg.build_sentencepiece_luts(spm.SentencePieceProcessor(model_file=str(SP1024)), 1024)
+    baseline = unigram_bpb(tg.load_data_shard(FINEWEB_SAMPLE / "fineweb_train_000000.bin", 1024), val.astype(np.int64), luts)
+    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(SP1024), NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="2",
+               MLP_MULT="2", TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="4096", MEM_CHUNK="32", MEM_TOPK="2",
+               ITERATIONS="150", WARMDOWN_ITERS="50", EVAL_STRIDE="64", OMP_NUM_THREADS="2", TRAIN_LOG_EVERY="50")
+    out = run_trainer(trainer_env({"data": data, "tokenizer": SP1024}, tmp_path, **env), tmp_path, timeout=600)
+    assert out.returncode == 0, out.stderr
+    bpb = float(log_values(out.stdout, "final_sliding_window")["val_bpb"])
+    print(f"real FineWeb sample: unigram_bpb:{baseline:.4f} model_sliding_bpb:{bpb:.4f}")
+    assert bpb < baseline - 0.1
+
+
+def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp_path):
+    """COMPILE=1 on CPU (inductor): the GPU path's graphs, QAT switching on mid-run after a warm-up that
+    compiled both variants. Numerics differ from eager only by fusion rounding."""
+    _, stdout = reference_run
+    out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", QAT_START_FRAC="0.5", WARMUP_STEPS="2",
+                                  EVAL_STRIDE="64"), tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "compile:True" in out.stdout
+    eager = run_trainer(trainer_env(smoke_data, tmp_path, QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64",
+                                    ARTIFACT_PATH=str(tmp_path / "eager.ptz")), tmp_path)
+    np.testing.assert_allclose(train_losses(out.stdout), train_losses(eager.stdout), rtol=2e-3)
+    assert train_losses(out.stdout) != train_losses(stdout)
