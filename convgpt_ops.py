@@ -6,6 +6,7 @@ What is here
       Taps 0..conv1d_k-1 are the causal 1D conv (p, p-1, ...); the rest are the KxK Hilbert-grid
       neighbours of p, kept only where the neighbour's sequence index is <= p.
   causal_gather_conv_ref(u, table, weight): depthwise conv over those taps, u [B, T, C], weight [C, J].
+  chunk_routing(q, k, chunk, topk): which complete earlier chunks each (head, query token) reads.
   chunk_memory_ref(q, k, v, chunk, topk): sparse chunk-token attention, q [B, H, T, D], k/v [B, Hkv, T, D].
 
 Invariants (tests/test_ops.py checks each)
@@ -68,31 +69,42 @@ def causal_gather_conv_ref(u: torch.Tensor, table: torch.Tensor, weight: torch.T
     return torch.einsum("btjc,cj->btc", u_pad[:, table], weight.to(u.dtype))
 
 
-def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
-    """Bool [B, H, T, T]: key s is visible to query t if s is in t's chunk and s <= t, or s lies in one
-    of the topk complete, strictly earlier chunks whose mean key scores highest against q_t.
-    Routing is per (head, query token); a chunk's mean key only averages tokens before t's chunk."""
+def chunk_routing(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
+    """Bool [B, H, T, n_past] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks each
+    (head, query token) reads, the topk whose mean key scores highest against q_t. A chunk's mean key only
+    averages tokens before t's chunk; routing is never shared between query tokens."""
     B, H, T, D = q.shape
     n_past = (T - 1) // chunk
-    pos = torch.arange(T, device=q.device)
-    q_chunk = pos // chunk
-    own = (q_chunk[:, None] == q_chunk[None, :]) & (pos[None, :] <= pos[:, None])
+    q_chunk = torch.arange(T, device=q.device) // chunk
     if n_past == 0 or topk == 0:
-        return own.expand(B, H, T, T)
+        return torch.zeros(B, H, T, n_past, dtype=torch.bool, device=q.device)
     kbar = k[:, :, : n_past * chunk].unflatten(2, (n_past, chunk)).float().mean(3)
     scores = q.float() @ kbar.repeat_interleave(H // k.shape[1], 1).transpose(-1, -2)
     earlier = torch.arange(n_past, device=q.device)[None, :] < q_chunk[:, None]
     scores = scores.masked_fill(~earlier, float("-inf"))
     top = scores.topk(min(topk, n_past), dim=-1)
     picked = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
-    picked = picked.scatter(-1, top.indices, top.values.isfinite())
-    in_past = pos < n_past * chunk
-    return own | (picked[..., q_chunk.clamp(max=n_past - 1)] & in_past)
+    return picked.scatter(-1, top.indices, top.values.isfinite())
+
+
+def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
+    """Bool [B, H, T, T]: key s is visible to query t if s is in t's chunk and s <= t, or s lies in a chunk
+    that chunk_routing picked for (head, t)."""
+    T = q.shape[2]
+    pos = torch.arange(T, device=q.device)
+    q_chunk = pos // chunk
+    own = (q_chunk[:, None] == q_chunk[None, :]) & (pos[None, :] <= pos[:, None])
+    n_past = (T - 1) // chunk
+    if n_past == 0 or topk == 0:
+        return own.expand(q.shape[0], q.shape[1], T, T)
+    picked = chunk_routing(q, k, chunk, topk)
+    return own | (picked[..., q_chunk.clamp(max=n_past - 1)] & (pos < n_past * chunk))
 
 
 def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
-    """One softmax over the visible keys of chunk_memory_mask; grouped heads; returns [B, H, T, D]."""
+    """One softmax over the visible keys of chunk_memory_mask; grouped heads; returns [B, H, T, D].
+    The masked path repeats k and v per query head itself: masked SDPA kernels may lack GQA support."""
     if topk >= (q.shape[2] - 1) // chunk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    mask = chunk_memory_mask(q, k, chunk, topk)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    mask, group = chunk_memory_mask(q, k, chunk, topk), q.shape[1] // k.shape[1]
+    return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)

@@ -52,8 +52,8 @@ def run_trainer(env: dict[str, str], workdir: Path, nproc: int = 1, timeout: flo
 
 
 def log_values(text: str, prefix: str) -> dict[str, str]:
-    """key:value pairs of the last log line starting with prefix."""
-    lines = [line for line in text.splitlines() if line.startswith(prefix)]
+    """key:value pairs of the last log line whose first word is prefix."""
+    lines = [line for line in text.splitlines() if line.split(" ", 1)[0] == prefix]
     assert lines, f"no line starting with {prefix!r} in:\n{text}"
     return dict(re.findall(r"(\w+):(\S+)", lines[-1]))
 

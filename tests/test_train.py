@@ -14,7 +14,7 @@ import train_gpt as tg
 from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, SP1024, log_values, run_trainer, train_losses, trainer_env
 
 FINAL_PREFIXES = ("final_ema_prequant", "artifact", "final_int6_zstd_roundtrip ", "final_int6_zstd_roundtrip_exact",
-                  "final_sliding_window")
+                  "final_sliding_window ", "final_sliding_window_exact")
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_eval_only_reproduces_the_roundtrip_score(reference_run, smoke_data, tmp
     out = run_trainer(trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(artifact)), tmp_path)
     assert out.returncode == 0, out.stderr
     assert "train_loss" not in out.stdout and artifact.read_bytes() == before
-    for prefix in ("final_int6_zstd_roundtrip_exact", "final_sliding_window", "artifact"):
+    for prefix in ("final_int6_zstd_roundtrip_exact", "final_sliding_window", "final_sliding_window_exact", "artifact"):
         again, first = log_values(out.stdout, prefix), log_values(stdout, prefix)
         assert again.pop("eval_time", None) is not None or prefix != "final_sliding_window"
         first.pop("eval_time", None)
@@ -151,8 +151,10 @@ def test_oversize_artifact_is_refused_and_not_written(smoke_data, tmp_path):
     artifact = tmp_path / "model.ptz"
     artifact.write_bytes(b"a good artifact from an earlier run")
     out = run_trainer(trainer_env(smoke_data, tmp_path, **env), tmp_path, timeout=600)
-    assert out.returncode == 2 and "over the 16000000-byte cap; not written" in out.stderr, out.stderr
+    assert out.returncode == 2 and "over the 16000000-byte cap: ARTIFACT_PATH left untouched" in out.stderr, out.stderr
     assert artifact.read_bytes() == b"a good artifact from an earlier run"
+    kept = tmp_path / "model.ptz.oversize"
+    assert kept.stat().st_size + tg.code_bytes() > tg.ARTIFACT_LIMIT_BYTES and f"weights kept in {kept}" in out.stderr
 
 
 def unigram_bpb(train: np.ndarray, val: np.ndarray, luts) -> float:
