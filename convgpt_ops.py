@@ -1,31 +1,64 @@
-"""ConvGPT-v2 token-mixing ops: the readable PyTorch reference (the spec every kernel must match).
+"""ConvGPT-v2 token-mixing ops: each as a plain PyTorch `_ref` (the readable spec) and Triton kernels.
 
 What is here
   conv_taps(seq_len, conv1d_k, conv2d_k) -> [seq_len, conv1d_k + conv2d_k**2] int64 source table.
       Tap j of position p reads u[table[p, j] - 1]; 0 means "masked" (reads a zero row).
       Taps 0..conv1d_k-1 are the causal 1D conv (p, p-1, ...); the rest are the KxK Hilbert-grid
       neighbours of p, kept only where the neighbour's sequence index is <= p.
-  causal_gather_conv_ref(u, table, weight): depthwise conv over those taps, u [B, T, C], weight [C, J].
+  conv_taps_inverse(table): which position reads s through tap j (the backward's gather, no atomics).
+  causal_gather_conv_ref(u, table, weight) / gather_conv_triton(u, table, inverse, weight):
+      depthwise conv over those taps, u [B, T, C], weight [C, J].
   chunk_routing(q, k, chunk, topk): which complete earlier chunks each (head, query token) reads.
-  chunk_memory_ref(q, k, v, chunk, topk): sparse chunk-token attention, q [B, H, T, D], k/v [B, Hkv, T, D].
+  chunk_memory_ref(q, k, v, chunk, topk) / chunk_memory_triton(...): sparse chunk-token attention,
+      q [B, H, T, D], k/v [B, Hkv, T, D]; routing stays in PyTorch, the kernels attend.
+  triton_enabled(device): the switch. CONVGPT_TRITON=1 forces the kernels, 0 the reference, unset means
+      kernels exactly on CUDA; on CPU the kernels need Triton's interpreter (TRITON_INTERPRET=1).
+The kernel ops are torch.library custom ops (convgpt::gather_conv, convgpt::chunk_memory, and their
+backwards) with fake and autograd registrations, so torch.compile(fullgraph=True) traces them.
 
-Invariants (tests/test_ops.py checks each)
-  * Causality: output t depends only on inputs <= t, for every op, at every position.
-  * A table row depends only on p, never on seq_len, so table[:T] is the table for length T.
+Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
+  * Causality: output t depends only on inputs <= t, for every op and both paths, at every position.
+  * A table row depends only on p, never on seq_len, so table[:T] is the table for length T, and the
+    inverse of the longest table serves every T (the kernels ignore readers >= T).
   * The first 4**m Hilbert cells fill a 2**m square, the first 2*4**m a 2**m x 2**(m+1) rectangle.
   * topk >= the number of complete earlier chunks is exactly dense causal attention.
+  * Kernels equal their _ref in outputs and every gradient (fp32 ~1e-5, bf16 ~1e-2), deterministically.
 
-Run the checks: python -m pytest -q tests/test_ops.py
+Run the checks: python -m pytest -q tests/test_ops.py tests/test_kernels_conv.py tests/test_kernels_memory.py
+(on CPU, tests/conftest.py switches the interpreter on; on a GPU the same tests run the compiled kernels).
 """
 
 from __future__ import annotations
 
+import math
+import os
+
 import numpy as np
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
 
 HILBERT_SIDE = 256  # grid side in cells (DESIGN.md): 256 x 256 = 65,536 positions
 MAX_SEQ_LEN = HILBERT_SIDE * HILBERT_SIDE
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+LOG2E = 1.4426950408889634  # log2(e): the attention kernels work in base 2
+GATHER_BLOCK_T, GATHER_MAX_BLOCK_C = 32, 128  # positions x channels per gather program
+WGRAD_BLOCK_T, WGRAD_MAX_BLOCK_C, WGRAD_MAX_PROGRAMS = 8, 64, 128  # weight-gradient partial sums
+
+
+def triton_enabled(device: torch.device) -> bool:
+    """The path switch: CONVGPT_TRITON=1 forces the Triton kernels, 0 the PyTorch reference; unset means
+    Triton exactly on CUDA. On CPU the kernels run only under Triton's interpreter (TRITON_INTERPRET=1)."""
+    flag = os.environ.get("CONVGPT_TRITON", "")
+    if flag not in ("", "0", "1"):
+        raise ValueError(f"CONVGPT_TRITON={flag!r} must be 0 or 1")
+    on = flag == "1" or (flag == "" and device.type == "cuda")
+    if on and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"CONVGPT_TRITON=1 on {device} needs TRITON_INTERPRET=1 (the kernels otherwise need CUDA)")
+    return on
 
 
 def hilbert_d2xy(side: int, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,6 +102,139 @@ def causal_gather_conv_ref(u: torch.Tensor, table: torch.Tensor, weight: torch.T
     return torch.einsum("btjc,cj->btc", u_pad[:, table], weight.to(u.dtype))
 
 
+def conv_taps_inverse(table: Tensor) -> Tensor:
+    """inv[s, j] = t + 1 where table[t, j] == s + 1, else 0 (each (s, j) is read by at most one t)."""
+    T, J = table.shape
+    hit = table > 0
+    t = torch.arange(T, device=table.device)[:, None].expand(T, J)
+    j = torch.arange(J, device=table.device)[None, :].expand(T, J)
+    inv = torch.zeros_like(table)
+    inv[table[hit] - 1, j[hit]] = t[hit] + 1
+    if int((inv > 0).sum()) != int(hit.sum()):
+        raise ValueError("table is not invertible: some (source, tap) pair is read by two positions")
+    return inv
+
+
+@triton.jit
+def _gather_conv_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, T, C, J: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[b, t, c] = sum_j w[c, j] * x[b, idx[t, j] - 1, c], skipping idx == 0 and idx > T."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    base = tl.program_id(2).to(tl.int64) * T * C
+    t_ok, c_ok = t < T, c < C
+    acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
+    for j in tl.static_range(J):
+        src = tl.load(idx_ptr + t.to(tl.int64) * J + j, mask=t_ok, other=0)
+        w = tl.load(w_ptr + c * J + j, mask=c_ok, other=0.0).to(tl.float32)
+        ok = ((src > 0) & (src <= T))[:, None] & c_ok[None, :]
+        x = tl.load(x_ptr + base + (src - 1)[:, None] * C + c[None, :], mask=ok, other=0.0)
+        acc += x.to(tl.float32) * w[None, :]
+    out_ok = t_ok[:, None] & c_ok[None, :]
+    tl.store(out_ptr + base + t.to(tl.int64)[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+
+
+@triton.jit
+def _gather_conv_wgrad_kernel(g_ptr, x_ptr, idx_ptr, part_ptr, T, C, n_rows, rows_per_prog, J: tl.constexpr,
+                              BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[p, c, j] = sum over rows r = b * T + t of program p of g[b, t, c] * x[b, idx[t, j] - 1, c]."""
+    pid = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    jj = tl.arange(0, BLOCK_J)
+    c_ok, j_ok = c < C, jj < J
+    acc = tl.zeros((BLOCK_J, BLOCK_C), dtype=tl.float32)
+    start = pid.to(tl.int64) * rows_per_prog
+    for r0 in range(0, rows_per_prog, BLOCK_T):
+        r = start + r0 + tl.arange(0, BLOCK_T)
+        r_ok = r < n_rows
+        t = r % T
+        src = tl.load(idx_ptr + t[:, None] * J + jj[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0)
+        g = tl.load(g_ptr + r[:, None] * C + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+        row = (r - t)[:, None] + src - 1
+        ok = ((src > 0) & (src <= T))[:, :, None] & c_ok[None, None, :]
+        x = tl.load(x_ptr + row[:, :, None] * C + c[None, None, :], mask=ok, other=0.0)
+        acc += tl.sum(x.to(tl.float32) * g.to(tl.float32)[:, None, :], axis=0)
+    out = part_ptr + pid.to(tl.int64) * C * J + c[None, :] * J + jj[:, None]
+    tl.store(out, acc, mask=j_ok[:, None] & c_ok[None, :])
+
+
+def _check_gather_conv(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> None:
+    """Raise ValueError naming the first argument that breaks the module docstring's contract."""
+    if u.dim() != 3 or u.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"u must be a 3-D float32/bfloat16/float16 tensor [B, T, C], got {u.dtype} {tuple(u.shape)}")
+    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[1] < 1:
+        raise ValueError(f"weight must be a floating [C, J] tensor with J >= 1, got {weight.dtype} {tuple(weight.shape)}")
+    (_, T, C), J = u.shape, weight.shape[1]
+    if weight.shape[0] != C:
+        raise ValueError(f"weight has {weight.shape[0]} channels but u has C={C}")
+    for name, t in (("table", table), ("inv", inv)):
+        if t.dtype != torch.int64 or t.dim() != 2 or t.shape[0] < T or t.shape[1] != J:
+            raise ValueError(f"{name} must be int64 [>= T={T}, J={J}], got {t.dtype} {tuple(t.shape)}")
+    for name, t in (("table", table), ("inv", inv), ("weight", weight)):
+        if t.device != u.device:
+            raise ValueError(f"{name} is on {t.device} but u is on {u.device}")
+    if u.device.type not in ("cuda", "meta") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"u is on {u.device}: the Triton kernels need CUDA tensors or TRITON_INTERPRET=1")
+
+
+def _gather(x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    B, T, C = x.shape
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block_c = min(GATHER_MAX_BLOCK_C, triton.next_power_of_2(C))
+    grid = (triton.cdiv(T, GATHER_BLOCK_T), triton.cdiv(C, block_c), B)
+    _gather_conv_kernel[grid](x, idx, weight, out, T, C, J=weight.shape[1], BLOCK_T=GATHER_BLOCK_T, BLOCK_C=block_c)
+    return out
+
+
+@torch.library.custom_op("convgpt::gather_conv", mutates_args=())
+def gather_conv_triton(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
+    """out[b, t, c] = sum_j weight[c, j] * u[b, table[t, j] - 1, c]; differentiable in u and weight."""
+    _check_gather_conv(u, table, inv, weight)
+    return _gather(u.contiguous(), table.contiguous(), weight.contiguous())
+
+
+@torch.library.custom_op("convgpt::gather_conv_backward", mutates_args=())
+def gather_conv_backward(grad: Tensor, u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(grad_u, grad_weight) of gather_conv_triton for output gradient grad."""
+    _check_gather_conv(u, table, inv, weight)
+    grad, u, table, inv, weight = (t.contiguous() for t in (grad.to(u.dtype), u, table, inv, weight))
+    grad_u = _gather(grad, inv, weight)
+    (B, T, C), J = u.shape, weight.shape[1]
+    n_rows, block_c = B * T, min(WGRAD_MAX_BLOCK_C, triton.next_power_of_2(C))
+    blocks = triton.cdiv(n_rows, WGRAD_BLOCK_T)
+    rows_per_prog = triton.cdiv(blocks, min(blocks, WGRAD_MAX_PROGRAMS)) * WGRAD_BLOCK_T
+    n_prog = triton.cdiv(n_rows, rows_per_prog)
+    part = torch.empty(n_prog, C, J, dtype=torch.float32, device=u.device)
+    _gather_conv_wgrad_kernel[(n_prog, triton.cdiv(C, block_c))](
+        grad, u, table, part, T, C, n_rows, rows_per_prog, J=J, BLOCK_J=triton.next_power_of_2(J),
+        BLOCK_T=WGRAD_BLOCK_T, BLOCK_C=block_c)
+    return grad_u, part.sum(0).to(weight.dtype)
+
+
+@gather_conv_triton.register_fake
+def _gather_conv_fake(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
+    _check_gather_conv(u, table, inv, weight)
+    return u.new_empty(u.shape)
+
+
+@gather_conv_backward.register_fake
+def _gather_conv_backward_fake(grad: Tensor, u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    _check_gather_conv(u, table, inv, weight)
+    return u.new_empty(u.shape), weight.new_empty(weight.shape)
+
+
+def _gather_conv_setup(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _gather_conv_grad(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
+    grad_u, grad_w = gather_conv_backward(grad, *ctx.saved_tensors)
+    return grad_u, None, None, grad_w
+
+
+gather_conv_triton.register_autograd(_gather_conv_grad, setup_context=_gather_conv_setup)
+
+
 def chunk_routing(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
     """Bool [B, H, T, n_past] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks each
     (head, query token) reads, the topk whose mean key scores highest against q_t. A chunk's mean key only
@@ -108,3 +274,229 @@ def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: i
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     mask, group = chunk_memory_mask(q, k, chunk, topk), q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
+
+
+def check_memory_sizes(chunk: int, head_dim: int) -> None:
+    """The Triton chunk memory tiles one chunk as one block: both sizes must suit tl.dot."""
+    if chunk < 16 or chunk & (chunk - 1):
+        raise ValueError(f"chunk {chunk} must be a power of two >= 16 for the Triton chunk memory")
+    if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
+        raise ValueError(f"head dim {head_dim} must be a power of two in 16..128 for the Triton chunk memory")
+
+
+def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picked: Tensor | None = None) -> None:
+    """Raise ValueError naming the first bad shape, dtype, device or size."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    B, H, T, D = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, T, D):
+        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in B, T and D")
+    if k.shape[1] < 1 or H % k.shape[1]:
+        raise ValueError(f"q heads H={H} must be a multiple of kv heads Hkv={k.shape[1]}")
+    if q.dtype not in FLOAT_DTYPES or q.dtype != k.dtype or q.dtype != v.dtype:
+        raise ValueError(f"q, k, v dtypes must be equal and one of fp32/bf16/fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.device != k.device or q.device != v.device:
+        raise ValueError(f"q, k, v must share a device; got {q.device}, {k.device}, {v.device}")
+    if T < 1 or B < 1 or H < 1:
+        raise ValueError(f"q {tuple(q.shape)} must have B, H, T >= 1")
+    check_memory_sizes(chunk, D)
+    if picked is not None:
+        want = (B, H, T, (T - 1) // chunk)
+        if tuple(picked.shape) != want or picked.dtype != torch.bool or picked.device != q.device:
+            raise ValueError(f"picked must be bool {want} on {q.device}; got {picked.dtype} {tuple(picked.shape)} "
+                             f"on {picked.device}")
+
+
+def _schedule(picked: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(bits, q_list, q_cnt, k_list, k_cnt); see the module docstring. Lists are int32 [B, H, NT, NT]."""
+    B, H, T, n_past = picked.shape
+    nt = triton.cdiv(T, chunk)
+    bits = torch.zeros(B, H, nt, T, dtype=torch.uint8, device=picked.device)
+    bits[:, :, :n_past] = picked.transpose(2, 3)
+    k_union = F.pad(bits, (0, nt * chunk - T)).view(B, H, nt, nt, chunk).amax(-1)  # [.., key chunk j, tile i]
+    k_union.diagonal(dim1=2, dim2=3).fill_(1)  # every tile reads its own chunk (causally)
+
+    def compact(u: Tensor) -> tuple[Tensor, Tensor]:
+        order = torch.sort(u, dim=-1, descending=True, stable=True).indices
+        return order.to(torch.int32).contiguous(), u.sum(-1, dtype=torch.int32).contiguous()
+
+    return (bits, *compact(k_union.transpose(2, 3)), *compact(k_union))
+
+
+def _launch_opts(chunk: int, dtype: torch.dtype) -> dict:
+    """DT, the tl.dot operand type, is the input dtype on GPU. Under the interpreter it is fp32: there tl.dot
+    multiplies bf16's raw uint16 bits (Triton 3.7); operands rounded to the input dtype, then widened, keep the
+    GPU's numerics (exact products, fp32 accumulation)."""
+    dt = tl.float32 if os.environ.get("TRITON_INTERPRET") == "1" else TL_DTYPES[dtype]
+    return dict(BLOCK=chunk, DT=dt, PREC="ieee" if dt == tl.float32 else "tf32", num_warps=4 if chunk <= 64 else 8,
+                num_stages=2)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, BITS, QLIST, QCNT, O, LSE, qk_scale, T, NT, H, HKV, G,
+                BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """One query tile (= query chunk) of one query head over its listed key chunks, the diagonal one causal."""
+    bh, tile = tl.program_id(0), tl.program_id(1)
+    kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
+    bits_base, list_base = bh.to(tl.int64) * NT * T, (bh.to(tl.int64) * NT + tile) * NT
+    rows, ar, d = tile * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
+    row_ok = rows < T
+    q_off = bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0).to(DT)
+    m_i = tl.full((BLOCK,), -1.0e30, tl.float32)  # finite: a row with nothing visible yet gets p = 0, not NaN
+    l_i = tl.zeros((BLOCK,), tl.float32)
+    acc = tl.zeros((BLOCK, D), tl.float32)
+    for it in range(tl.load(QCNT + bh * NT + tile)):
+        j = tl.load(QLIST + list_base + it)
+        sel = tl.load(BITS + bits_base + j * T + rows, mask=row_ok, other=0) != 0
+        cols = j * BLOCK + ar
+        kv_off = kv_base + cols[:, None] * D + d[None, :]
+        k = tl.load(K + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
+        v = tl.load(V + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        s = tl.where(tl.where(j == tile, cols[None, :] <= rows[:, None], sel[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        acc = acc * alpha[:, None] + tl.dot(p.to(Q.dtype.element_ty).to(DT), v, input_precision=PREC)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_new
+    tl.store(O + q_off, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * T + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+
+
+@triton.jit
+def _dq_kernel(Q, K, V, DO, LSE, DELTA, BITS, QLIST, QCNT, DQ, sm_scale, qk_scale, T, NT, H, HKV, G,
+               BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dQ of one query tile: the forward's loop with P = exp(S - lse) recomputed."""
+    bh, tile = tl.program_id(0), tl.program_id(1)
+    kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
+    bits_base, list_base = bh.to(tl.int64) * NT * T, (bh.to(tl.int64) * NT + tile) * NT
+    rows, ar, d = tile * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
+    row_ok = rows < T
+    q_off = bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :]
+    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0).to(DT)
+    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0).to(DT)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+    dq = tl.zeros((BLOCK, D), tl.float32)
+    for it in range(tl.load(QCNT + bh * NT + tile)):
+        j = tl.load(QLIST + list_base + it)
+        sel = tl.load(BITS + bits_base + j * T + rows, mask=row_ok, other=0) != 0
+        cols = j * BLOCK + ar
+        kv_off = kv_base + cols[:, None] * D + d[None, :]
+        k = tl.load(K + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
+        v = tl.load(V + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
+        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+        allowed = tl.where(j == tile, cols[None, :] <= rows[:, None], sel[:, None])
+        p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
+        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
+        dq += tl.dot(ds.to(Q.dtype.element_ty).to(DT), k, input_precision=PREC)
+    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BITS, KLIST, KCNT, DK, DV, sm_scale, qk_scale, T, NT, H, HKV, G,
+                BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """dK, dV of key chunk j for one query head over its listed query tiles (its own one causal)."""
+    bh, j = tl.program_id(0), tl.program_id(1)
+    kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
+    q_base, bits_base = bh.to(tl.int64) * T * D, bh.to(tl.int64) * NT * T + j * T
+    list_base = (bh.to(tl.int64) * NT + j) * NT
+    cols, ar, d = j * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
+    col_ok = cols < T
+    k = tl.load(K + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
+    v = tl.load(V + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
+    dk = tl.zeros((BLOCK, D), tl.float32)
+    dv = tl.zeros((BLOCK, D), tl.float32)
+    for it in range(tl.load(KCNT + bh * NT + j)):
+        i = tl.load(KLIST + list_base + it)
+        rows = i * BLOCK + ar
+        row_ok = rows < T
+        sel = tl.load(BITS + bits_base + rows, mask=row_ok, other=0) != 0
+        q_off = q_base + rows[:, None] * D + d[None, :]
+        q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0).to(DT)
+        do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0).to(DT)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [keys, queries]
+        allowed = tl.where(i == j, (cols[:, None] <= rows[None, :]) & row_ok[None, :], sel[None, :])
+        pt = tl.where(allowed, tl.exp2(st - lse2[None, :]), 0.0)
+        dv += tl.dot(pt.to(Q.dtype.element_ty).to(DT), do, input_precision=PREC)
+        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
+        dk += tl.dot(dst.to(Q.dtype.element_ty).to(DT), q, input_precision=PREC)
+    out_off = q_base + cols[:, None] * D + d[None, :]
+    tl.store(DK + out_off, dk * sm_scale, mask=col_ok[:, None])
+    tl.store(DV + out_off, dv, mask=col_ok[:, None])
+
+
+@torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
+def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32); see the module docstring."""
+    check_chunk_memory_inputs(q, k, v, chunk, picked)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    (B, H, T, D), hkv = q.shape, k.shape[1]
+    bits, q_list, q_cnt, _, _ = _schedule(picked, chunk)
+    nt = triton.cdiv(T, chunk)
+    out, lse = torch.empty_like(q), torch.empty(B, H, T, dtype=torch.float32, device=q.device)
+    _fwd_kernel[(B * H, nt)](q, k, v, bits, q_list, q_cnt, out, lse, LOG2E / math.sqrt(D), T, nt, H, hkv, H // hkv,
+                             D=D, **_launch_opts(chunk, q.dtype))
+    return out, lse
+
+
+@chunk_memory_op.register_fake
+def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.custom_op("convgpt::chunk_memory_backward", mutates_args=())
+def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
+                             delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
+    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
+    lse, delta = lse.float().contiguous(), delta.float().contiguous()
+    (B, H, T, D), hkv = q.shape, k.shape[1]
+    bits, q_list, q_cnt, k_list, k_cnt = _schedule(picked, chunk)
+    nt, sm_scale, opts = triton.cdiv(T, chunk), 1.0 / math.sqrt(D), _launch_opts(chunk, q.dtype)
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
+    scalars = (sm_scale, sm_scale * LOG2E, T, nt, H, hkv, H // hkv)
+    _dq_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, q_list, q_cnt, dq, *scalars, D=D, **opts)
+    _dkv_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, k_list, k_cnt, dk, dv, *scalars, D=D, **opts)
+    return dq, dk.view(B, hkv, H // hkv, T, D).sum(2).to(k.dtype), dv.view(B, hkv, H // hkv, T, D).sum(2).to(v.dtype)
+
+
+@chunk_memory_backward_op.register_fake
+def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor, delta: Tensor,
+      chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
+
+
+def _chunk_memory_setup(ctx, inputs: tuple, output: tuple) -> None:
+    q, k, v, picked, ctx.chunk = inputs
+    ctx.save_for_backward(q, k, v, picked, *output)
+
+
+def _chunk_memory_grad(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple:
+    q, k, v, picked, out, lse = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    delta = (grad_out.float() * out.float()).sum(-1)
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, picked, lse, delta, ctx.chunk)
+    return dq, dk, dv, None, None
+
+
+chunk_memory_op.register_autograd(_chunk_memory_grad, setup_context=_chunk_memory_setup)
+
+
+def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) -> Tensor:
+    """Drop-in for convgpt_ops.chunk_memory_ref: route in PyTorch (no gradient), attend with the Triton op."""
+    check_chunk_memory_inputs(q, k, v, chunk)
+    with torch.no_grad():
+        picked = chunk_routing(q.detach(), k.detach(), chunk, topk)
+    return chunk_memory_op(q, k, v, picked, chunk)[0]

@@ -40,7 +40,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convgpt_ops import MAX_SEQ_LEN, causal_gather_conv_ref, chunk_memory_ref, conv_taps
+from convgpt_ops import (MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref, chunk_memory_triton,
+                         conv_taps, conv_taps_inverse, gather_conv_triton, triton_enabled)
 from quantize import dequantize_state_dict, fake_quant_int6, pack, quantize_state_dict, unpack
 
 # ----------------------------------------------------------------------------- config
@@ -409,12 +410,14 @@ class ConvMix(nn.Module):
         self.w_out = CastedLinear(d, d, zero_init=True)
         self.taps = nn.Parameter(torch.cat((torch.randn(d, k1) / max(k1, 1) ** 0.5, torch.randn(d, k2 * k2) / max(k2, 1)), 1))
         self.fuse = nn.Parameter(torch.zeros(d))
+        self.triton = False
 
-    def forward(self, x: Tensor, table: Tensor) -> Tensor:
-        u, g = self.w_in(x).chunk(2, -1)
+    def forward(self, x: Tensor, taps: tuple[Tensor, Tensor]) -> Tensor:
+        (table, inverse), (u, g) = taps, self.w_in(x).chunk(2, -1)
         f = torch.sigmoid(self.fuse)[:, None]
         w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1)
-        return self.w_out(F.silu(g) * causal_gather_conv_ref(u, table, w))
+        m = gather_conv_triton(u, table, inverse, w) if self.triton else causal_gather_conv_ref(u, table, w)
+        return self.w_out(F.silu(g) * m)
 
 
 class ChunkMemory(nn.Module):
@@ -429,8 +432,9 @@ class ChunkMemory(nn.Module):
         self.kv = CastedLinear(d, 2 * args.num_kv_heads * args.head_dim)
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), QK_GAIN_INIT))
+        self.triton = False
 
-    def forward(self, x: Tensor, table: Tensor) -> Tensor:
+    def forward(self, x: Tensor, taps: tuple[Tensor, Tensor]) -> Tensor:
         a, (B, T, _) = self.args, x.shape
         q = rms_norm(self.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2))
         k, v = self.kv(x).view(B, T, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).chunk(2, 1)
@@ -438,7 +442,9 @@ class ChunkMemory(nn.Module):
         if self.use_rope:
             q, k = apply_rotary(q, a.rope_base), apply_rotary(k, a.rope_base)
         q = q * self.q_gain.to(q.dtype)[:, None, None]
-        y = chunk_memory_ref(q, k, v, a.mem_chunk, a.mem_topk)
+        dense = a.mem_topk >= (T - 1) // a.mem_chunk  # every earlier chunk: flash attention beats the kernel
+        memory = chunk_memory_triton if self.triton and not dense else chunk_memory_ref
+        y = memory(q, k, v, a.mem_chunk, a.mem_topk)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -465,9 +471,9 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x: Tensor, x0: Tensor, table: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, taps: tuple[Tensor, Tensor]) -> Tensor:
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.mix_scale * self.mixer(rms_norm(x), table)
+        x = x + self.mix_scale * self.mixer(rms_norm(x), taps)
         return x + self.mlp_scale * self.mlp(rms_norm(x))
 
 
@@ -494,6 +500,7 @@ class ConvGPT(nn.Module):
         self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
         table = conv_taps(max(args.train_seq_len, args.eval_len), args.conv1d_k, args.conv2d_k)
         self.register_buffer("conv_table", table, persistent=False)
+        self.register_buffer("conv_inverse", conv_taps_inverse(table), persistent=False)
 
     def smear_previous(self, x: Tensor, input_ids: Tensor) -> Tensor:
         """SmearGate: blend in the previous position, never into a BOS and never at position 0."""
@@ -510,7 +517,7 @@ class ConvGPT(nn.Module):
             x = self.smear_previous(x, input_ids)
         x0 = x = rms_norm(x)
         for block in self.blocks:
-            x = block(x, x0, self.conv_table[:T])
+            x = block(x, x0, (self.conv_table[:T], self.conv_inverse))
         x = rms_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         cap = self.args.logit_softcap
@@ -529,6 +536,13 @@ def block_matrices(model: ConvGPT) -> dict[str, CastedLinear]:
 def set_qat(model: ConvGPT, on: bool) -> None:
     for m in block_matrices(model).values():
         m.qat = on
+
+
+def set_triton(model: ConvGPT, on: bool) -> None:
+    """Token mixers use the Triton kernels (on) or the PyTorch reference (off) of convgpt_ops."""
+    for m in model.modules():
+        if isinstance(m, (ConvMix, ChunkMemory)):
+            m.triton = on
 
 
 # ----------------------------------------------------------------------------- optimizer
@@ -841,9 +855,16 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
     """The model on its device, and the callable that training steps through (compiled on request)."""
     torch.manual_seed(args.seed)
     model = ConvGPT(args).to(d.device)
+    try:
+        set_triton(model, triton_enabled(d.device))
+        if model.blocks[0].mixer.triton and args.mem_every:
+            check_memory_sizes(args.mem_chunk, args.head_dim)
+    except ValueError as e:
+        raise FatalError(str(e)) from None
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
-        f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile}")
+        f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile} "
+        f"triton:{model.blocks[0].mixer.triton}")
     if not use_compile:
         return model, model
     model.forward_logits = torch.compile(model.forward_logits, dynamic=False)

@@ -1,4 +1,5 @@
-"""Shared fixtures: the repo on sys.path, a small generated dataset, and a runner for train_gpt.py."""
+"""Shared fixtures: the repo on sys.path, Triton's interpreter on CPU-only machines, a small generated dataset,
+and a runner for train_gpt.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: its kernels then run in the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

@@ -12,6 +12,7 @@ from quantize import pack, quantize_state_dict
 T = 128
 # chunk edges (MEM_CHUNK=16): kC-1, kC, kC+1; Hilbert quadrant edges 4^m - 1; inside a chunk; the last token
 EDGES = [0, 3, 15, 16, 17, 21, 31, 32, 33, 63, 64, 65, 100, 126]
+TRITON_EDGES = [15, 16, 17, 21, 63, 126]  # the interpreter is slow: chunk edges, inside a chunk, a quadrant edge
 CONFIGS = {
     "default": {},
     "dense_attention": {"MEM_EVERY": "1", "MEM_TOPK": "1000"},
@@ -41,15 +42,21 @@ def token_batch(seed: int = 1) -> torch.Tensor:
     return ids
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("qat", [False, True])
-def test_future_tokens_never_change_earlier_logits(name, qat):
+# (config, qat, triton): every config on the PyTorch reference, and the Triton kernels (interpreted on CPU) on
+# the configurations that exercise them
+CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + [
+    ("default", True, True), ("rope_all_untied_relu2", False, True), ("conv1d_only", False, True)]
+
+
+@pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
+def test_future_tokens_never_change_earlier_logits(name, qat, triton):
     model = random_model(CONFIGS[name])
     tg.set_qat(model, qat)
+    tg.set_triton(model, triton)
     ids = token_batch()
     with torch.no_grad():
         full = model.forward_logits(ids)
-        for t in EDGES:
+        for t in TRITON_EDGES if triton else EDGES:
             changed = ids.clone()
             changed[:, t + 1:] = torch.randint(0, 1024, changed[:, t + 1:].shape)
             out = model.forward_logits(changed)
@@ -57,13 +64,14 @@ def test_future_tokens_never_change_earlier_logits(name, qat):
             assert not torch.equal(out[:, t + 1:], full[:, t + 1:])
 
 
-@pytest.mark.parametrize("name", CONFIGS)
-def test_gradient_to_later_inputs_is_exactly_zero(name):
+@pytest.mark.parametrize("name,triton", [(name, False) for name in CONFIGS] + [("default", True), ("no_smear_topk0", True)])
+def test_gradient_to_later_inputs_is_exactly_zero(name, triton):
     model = random_model(CONFIGS[name])
+    tg.set_triton(model, triton)
     captured = {}
     model.tok_emb.register_forward_hook(lambda module, args, out: captured.setdefault("emb", out))
     logits = model.forward_logits(token_batch())
-    for t in EDGES:
+    for t in TRITON_EDGES if triton else EDGES:
         (grad,) = torch.autograd.grad(logits[:, t].sum(), captured["emb"], retain_graph=True)
         assert (grad[:, t + 1:] == 0).all(), f"logits at {t} have a gradient from a later input"
         assert (grad[:, t] != 0).any()
@@ -77,6 +85,24 @@ def test_prefix_logits_equal_prefix_of_full_logits(name):
         full = model.forward_logits(ids)
         for t in [1, 16, 17, 33, 64, 100]:
             torch.testing.assert_close(model.forward_logits(ids[:, :t]), full[:, :t], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["default", "rope_all_untied_relu2"])
+def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
+    """CONVGPT_TRITON=1 against 0 on the whole model: the kernels (interpreted on CPU) against the reference."""
+    ids, targets = token_batch(1), token_batch(2)
+    results = []
+    for triton in (False, True):
+        model = random_model(CONFIGS[name])
+        tg.set_qat(model, True)
+        tg.set_triton(model, triton)
+        logits = model.forward_logits(ids)
+        F.cross_entropy(logits.flatten(0, 1), targets.flatten()).backward()
+        results.append((logits.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    (ref_logits, ref_grads), (logits, grads) = results
+    torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-4)
+    for n, g in ref_grads.items():
+        torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
 def test_smear_gate_never_blends_into_bos_or_position_zero():

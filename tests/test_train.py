@@ -115,6 +115,9 @@ def big_token(path: Path) -> None:
     ("world_size", {"WORLD_SIZE": "3"}, None, "WORLD_SIZE=3 must divide 8"),
     ("beyond_hilbert_grid", {"TRAIN_SEQ_LEN": "131072"}, None, "Hilbert grid"),
     ("non_finite_loss", {"MATRIX_LR": "1e30", "SCALAR_LR": "1e30", "TIED_EMBED_LR": "1e30"}, None, "non-finite training loss at step "),
+    ("bad_triton_switch", {"CONVGPT_TRITON": "2"}, None, "CONVGPT_TRITON='2' must be 0 or 1"),
+    ("triton_on_cpu", {"CONVGPT_TRITON": "1", "TRITON_INTERPRET": "0"}, None, "needs TRITON_INTERPRET=1"),
+    ("triton_chunk_size", {"CONVGPT_TRITON": "1", "MEM_CHUNK": "24"}, None, "chunk 24 must be a power of two >= 16"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_the_artifact(case, env, damage, needle, smoke_data, tmp_path):
     if damage:
@@ -199,3 +202,14 @@ def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp
                                     ARTIFACT_PATH=str(tmp_path / "eager.ptz")), tmp_path)
     np.testing.assert_allclose(train_losses(out.stdout), train_losses(eager.stdout), rtol=2e-3)
     assert train_losses(out.stdout) != train_losses(stdout)
+
+
+def test_triton_kernels_through_the_trainer_match_the_reference(reference_run, smoke_data, tmp_path):
+    """CONVGPT_TRITON=1: training, export and both evaluations on the kernels (interpreted on CPU)."""
+    _, stdout = reference_run
+    out = run_trainer(trainer_env(smoke_data, tmp_path, CONVGPT_TRITON="1"), tmp_path, timeout=1200)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "triton:True" in out.stdout
+    np.testing.assert_allclose(train_losses(out.stdout), train_losses(stdout), rtol=1e-3)
+    kernels = float(log_values(out.stdout, "final_sliding_window_exact")["val_bpb"])
+    assert kernels == pytest.approx(float(log_values(stdout, "final_sliding_window_exact")["val_bpb"]), abs=2e-3)

@@ -1,0 +1,157 @@
+"""The Triton chunk memory (sparse chunk attention) against chunk_memory_ref: on CPU in Triton's interpreter
+(conftest switches it on), on a GPU with the compiled kernels."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from convgpt_ops import chunk_memory_op, chunk_memory_ref, chunk_memory_triton, chunk_routing
+
+DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
+pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
+                                reason="TRITON_INTERPRET is off and there is no CUDA device")
+
+C = 16
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 5e-3}  # atol = rtol, per dtype; bf16 is compared to fp32 on rounded inputs
+ALL = 10 ** 6  # topk >= n_past: dense causal attention (chunk_memory_ref's SDPA fast path)
+
+
+def make(B: int, H: int, Hkv: int, T: int, D: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, h, T, D, generator=gen).to(DEVICE, dtype) for h in (H, Hkv, Hkv))
+    return q, k, v, torch.randn(B, H, T, D, generator=gen).to(DEVICE, dtype)
+
+
+def run(fn, q, k, v, grad, topk):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    out = fn(*leaves, C, topk)
+    out.backward(grad)
+    return out.detach(), [x.grad for x in leaves]
+
+
+def assert_matches_ref(q, k, v, grad, topk):
+    tol = TOL[q.dtype]
+    out, grads = run(chunk_memory_triton, q, k, v, grad, topk)
+    ref, ref_grads = run(chunk_memory_ref, *(x.float() for x in (q, k, v, grad)), topk)
+    assert out.dtype == q.dtype and [g.dtype for g in grads] == [q.dtype] * 3
+    for name, got, want in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads]):
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("B,H,Hkv,T,D,topk", [
+    (1, 4, 1, 63, 16, 1), (3, 4, 2, 65, 32, 4), (1, 4, 4, 129, 16, ALL), (1, 4, 2, 129, 32, 4),
+    (3, 2, 1, 1, 16, 1), (1, 2, 1, C - 1, 16, 1), (1, 2, 2, C, 32, 1), (1, 2, 1, C + 1, 16, ALL),
+    (1, 2, 1, 2 * C, 16, 1), (1, 2, 1, 40, 16, 0), (1, 1, 1, 1000, 16, 1)])
+def test_matches_reference_fp32(B, H, Hkv, T, D, topk):
+    assert_matches_ref(*make(B, H, Hkv, T, D, seed=T + topk), topk)
+
+
+@pytest.mark.parametrize("dtype,Hkv,T,D,topk", [(torch.bfloat16, 2, 65, 32, 1), (torch.bfloat16, 1, 129, 16, ALL),
+                                                 (torch.float16, 2, 33, 16, 1)])
+def test_matches_reference_half(dtype, Hkv, T, D, topk):
+    assert_matches_ref(*make(1, 4, Hkv, T, D, dtype, seed=T), topk)
+
+
+def test_non_contiguous_inputs_from_model_layout():
+    q, k, v, grad = make(2, 4, 2, 65, 16, seed=5)
+    q_bthd = q.transpose(1, 2).contiguous().requires_grad_()  # [B, T, H, D], as the model's projections give
+    kv_bthd = torch.cat([k, v], 1).transpose(1, 2).contiguous().requires_grad_()
+    out = chunk_memory_triton(q_bthd.transpose(1, 2), *kv_bthd.transpose(1, 2).chunk(2, 1), C, 2)
+    out.backward(grad)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    ref = chunk_memory_ref(*ref_leaves, C, 2)
+    ref.backward(grad)
+    tol = TOL[torch.float32]
+    torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(q_bthd.grad.transpose(1, 2), ref_leaves[0].grad, rtol=tol, atol=tol)
+    torch.testing.assert_close(kv_bthd.grad.transpose(1, 2), torch.cat([x.grad for x in ref_leaves[1:]], 1),
+                               rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("t", [C - 1, 2 * C, 3 * C + 5])
+def test_causal_outputs_and_gradients(t):
+    q, k, v, _ = make(1, 2, 1, 4 * C + 1, 16, seed=9)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = chunk_memory_triton(*leaves, C, 1)
+    later = [x.clone() for x in (q, k, v)]
+    for x in later:
+        x[:, :, t + 1:] = torch.randn_like(x[:, :, t + 1:]) * 10
+    torch.testing.assert_close(chunk_memory_triton(*later, C, 1)[:, :, :t + 1], out[:, :, :t + 1].detach(),
+                               rtol=0, atol=1e-6)
+    out[:, :, t].sum().backward()
+    for x in leaves:
+        assert (x.grad[:, :, t + 1:] == 0).all()
+    assert (leaves[2].grad[:, :, t] != 0).any()
+
+
+def test_backward_is_bitwise_deterministic():
+    q, k, v, grad = make(1, 4, 1, 65, 16, seed=11)
+    first, second = (run(chunk_memory_triton, q, k, v, grad, 2)[1] for _ in range(2))
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_lse_output_and_its_gradient():
+    q, k, v, _ = make(1, 2, 1, 40, 16, seed=13)
+    picked = chunk_routing(q, k, C, 1)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, lse = chunk_memory_op(*leaves, picked, C)
+    assert lse.shape == (1, 2, 40) and lse.dtype == torch.float32
+    pos = torch.arange(40, device=DEVICE)
+    own = (pos[:, None] // C == pos[None, :] // C) & (pos[None, :] <= pos[:, None])
+    mask = own | (picked[..., (pos // C).clamp(max=picked.shape[-1] - 1)] & (pos < picked.shape[-1] * C))
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    scores = ref_leaves[0] @ ref_leaves[1].transpose(-1, -2).repeat_interleave(2, 1) / 4.0
+    ref_lse = scores.masked_fill(~mask, float("-inf")).logsumexp(-1)
+    torch.testing.assert_close(lse, ref_lse.detach(), rtol=1e-5, atol=1e-5)
+    (out.sum() + lse.sum()).backward()
+    ref_out = torch.softmax(scores.masked_fill(~mask, float("-inf")), -1) @ ref_leaves[2].repeat_interleave(2, 1)
+    (ref_out.sum() + ref_lse.sum()).backward()
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_opcheck():
+    q, k, v, _ = make(1, 2, 1, 33, 16, seed=17)
+    picked = chunk_routing(q, k, C, 1)
+    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [picked, C]))
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, grad = make(1, 2, 1, 33, 16, seed=19)
+    compiled = torch.compile(chunk_memory_triton, fullgraph=True, backend="aot_eager")
+    out, grads = run(compiled, q, k, v, grad, 1)
+    want, want_grads = run(chunk_memory_triton, q, k, v, grad, 1)
+    assert torch.equal(out, want) and all(torch.equal(a, b) for a, b in zip(grads, want_grads))
+
+
+def good(**over):
+    shapes = dict(q=(1, 4, 32, 16), k=(1, 2, 32, 16), v=(1, 2, 32, 16))
+    dtypes = dict(q=torch.float32, k=torch.float32, v=torch.float32)
+    shapes.update({n: s for n, s in over.items() if n in shapes and isinstance(s, tuple)})
+    dtypes.update({n[:-6]: d for n, d in over.items() if n.endswith("_dtype")})
+    return [torch.zeros(shapes[n], dtype=dtypes[n], device=DEVICE) for n in "qkv"]
+
+
+@pytest.mark.parametrize("over,chunk,needle", [
+    (dict(q=(4, 32, 16)), C, "4-D"), (dict(v=(1, 2, 31, 16)), C, "same shape"),
+    (dict(k=(1, 2, 31, 16), v=(1, 2, 31, 16)), C, "match q"), (dict(k=(1, 3, 32, 16), v=(1, 3, 32, 16)), C, "Hkv=3"),
+    (dict(v_dtype=torch.bfloat16), C, "dtypes"), (dict(q_dtype=torch.float64, k_dtype=torch.float64,
+                                                       v_dtype=torch.float64), C, "dtypes"),
+    (dict(), 24, "chunk 24"), (dict(), 8, "chunk 8"),
+    (dict(q=(1, 4, 32, 24), k=(1, 2, 32, 24), v=(1, 2, 32, 24)), C, "head dim 24"),
+    (dict(q=(1, 4, 32, 256), k=(1, 2, 32, 256), v=(1, 2, 32, 256)), C, "head dim 256"),
+])
+def test_rejects_bad_inputs(over, chunk, needle):
+    with pytest.raises(ValueError, match=needle):
+        chunk_memory_triton(*good(**over), chunk, 1)
+
+
+def test_rejects_bad_picked():
+    q, k, v = good()
+    with pytest.raises(ValueError, match="picked must be bool"):
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.uint8, device=DEVICE), C)
+    with pytest.raises(ValueError, match=r"\(1, 4, 32, 1\)"):
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.bool, device=DEVICE), C)
