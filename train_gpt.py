@@ -856,15 +856,16 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
     torch.manual_seed(args.seed)
     model = ConvGPT(args).to(d.device)
     try:
-        set_triton(model, triton_enabled(d.device))
-        if model.blocks[0].mixer.triton and args.mem_every:
+        triton = triton_enabled(d.device)
+        if triton and args.mem_every:
             check_memory_sizes(args.mem_chunk, args.head_dim)
     except ValueError as e:
         raise FatalError(str(e)) from None
+    set_triton(model, triton)
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile} "
-        f"triton:{model.blocks[0].mixer.triton}")
+        f"triton:{triton}")
     if not use_compile:
         return model, model
     model.forward_logits = torch.compile(model.forward_logits, dynamic=False)
