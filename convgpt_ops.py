@@ -75,19 +75,25 @@ def hilbert_d2xy(side: int, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def conv_taps(seq_len: int, conv1d_k: int, conv2d_k: int) -> torch.Tensor:
-    """Source table for the causal 1D taps then the Hilbert-masked 2D taps (see the module docstring)."""
+def conv_taps(seq_len: int, conv1d_k: int, conv2d_k: int, layout: str = "hilbert") -> torch.Tensor:
+    """Source table for the causal 1D taps then the Hilbert-masked 2D taps (see the module docstring). The
+    "dilated" layout is the control for the 2D branch: the same k*k taps at 1D distances conv1d_k * (1..k*k)."""
     if not 1 <= seq_len <= MAX_SEQ_LEN:
         raise ValueError(f"seq_len {seq_len} outside the Hilbert grid (1..{MAX_SEQ_LEN})")
     if conv2d_k % 2 == 0 and conv2d_k != 0:
         raise ValueError(f"conv2d_k {conv2d_k} must be odd (a centred KxK window) or 0")
+    if layout not in ("hilbert", "dilated"):
+        raise ValueError(f"layout {layout!r} must be hilbert or dilated")
     pos = np.arange(seq_len, dtype=np.int64)
-    cols = [np.where(pos - j >= 0, pos - j + 1, 0) for j in range(conv1d_k)]
+    dists = [*range(conv1d_k)]
+    if layout == "dilated":
+        dists += [max(conv1d_k, 1) * (j + 1) for j in range(conv2d_k * conv2d_k)]
+    cols = [np.where(pos - dist >= 0, pos - dist + 1, 0) for dist in dists]
     x, y = hilbert_d2xy(HILBERT_SIDE, np.arange(MAX_SEQ_LEN, dtype=np.int64))
     grid = np.empty((HILBERT_SIDE, HILBERT_SIDE), dtype=np.int64)
     grid[x, y] = np.arange(MAX_SEQ_LEN)
     px, py, r = x[:seq_len], y[:seq_len], conv2d_k // 2
-    offsets = [(dx, dy) for dx in range(-r, r + 1) for dy in range(-r, r + 1)] if conv2d_k else []
+    offsets = [(dx, dy) for dx in range(-r, r + 1) for dy in range(-r, r + 1)] if conv2d_k and layout == "hilbert" else []
     for dx, dy in offsets:
         nx, ny = px + dx, py + dy
         inside = (nx >= 0) & (nx < HILBERT_SIDE) & (ny >= 0) & (ny < HILBERT_SIDE)

@@ -5,16 +5,19 @@ Commands
   one process:     python train_gpt.py             (CPU or one GPU; same global batch by accumulation)
   sweep:           NUM_LAYERS=11 MEM_TOPK=8 torchrun --standalone --nproc_per_node=8 train_gpt.py
   re-evaluate:     EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
+  + score-first TTT: TTT_EPOCHS=3 EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
   CPU smoke run:   bash run.sh                      (synthetic sample, not FineWeb)
 
 Settings are environment variables named after the Hyperparameters fields in upper case; every resolved
 value is logged at start, and a name one typo away from a setting gets a warning. Rank 0 logs key:value
 lines to stdout and logs/<RUN_ID>.txt, ending with final_int6_zstd_roundtrip, _exact, final_sliding_window
-final_sliding_window_exact and `artifact bytes_model:A bytes_code:B bytes_total:C limit:16000000`.
+final_sliding_window_exact (then final_ttt, final_ttt_exact with TTT_EPOCHS > 0) and
+`artifact bytes_model:A bytes_code:B bytes_total:C limit:16000000`.
 
 Invariants
-  * Causal: logits at t depend on tokens <= t only (tests/test_causality.py).
+  * Causal: logits at t depend on tokens <= t only (tests/test_model.py, in every mixer configuration).
   * val_bpb is the challenge's: every validation target is scored exactly once, bytes come from the pieces.
+  * TTT scores every target before any update trains on it (tests/test_eval.py perturbs unscored tokens).
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
   * The artifact is written atomically, only from finite weights and only under the cap.
   * Bad input: one "error: ..." line on stderr, exit code 2, nothing overwritten.
@@ -59,9 +62,12 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Muon (Keller Jor
 NS_EPS = 1e-7
 EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA_DECAY
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
+BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
+BIGRAM_SCALE_INIT = 0.05  # BigramHash record
 CHOICES = {
     "mlp_act": ("relu2", "leaky_relu2"),
     "mem_rope": ("all", "half", "none"),
+    "conv2d_layout": ("hilbert", "dilated"),
     "embed_quant": ("int8", "fp16"),
     "compile": ("auto", "0", "1"),
 }
@@ -104,6 +110,10 @@ class Hyperparameters:
     smear_gate: bool = True
     conv1d_k: int = 4  # causal 1D taps (0 = no 1D branch)
     conv2d_k: int = 3  # Hilbert grid window side, odd (0 = no 2D branch)
+    conv2d_layout: str = "hilbert"  # dilated = control: the same k*k taps at 1D distances conv1d_k * (1..k*k)
+    unet_skips: bool = False  # encoder outputs (first half of the blocks) added into the mirrored decoder inputs
+    bigram_buckets: int = 0  # BigramHash embedding of (previous, current) token pairs; 0 = off
+    bigram_dim: int = 128
     mem_every: int = 2  # every mem_every-th block mixes with ChunkMemory instead of ConvMix (0 = never)
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
@@ -132,6 +142,10 @@ class Hyperparameters:
     # evaluation
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
     eval_stride: int = 64
+    ttt_epochs: int = 0  # legal score-first test-time training: SGD epochs per scored chunk; 0 = off
+    ttt_chunk_tokens: int = 32768  # validation targets scored between two TTT updates
+    ttt_lr: float = 0.002
+    ttt_momentum: float = 0.9
     # device
     compile: str = "auto"  # auto = on with CUDA
 
@@ -176,6 +190,10 @@ class Hyperparameters:
              "ITERATIONS must be >= 1, WARMUP_STEPS and MAX_WALLCLOCK_SECONDS >= 0"),
             (self.train_log_every >= 1 and self.val_loss_every >= 0 and self.val_batch_size >= 1,
              "TRAIN_LOG_EVERY and VAL_BATCH_SIZE must be >= 1, VAL_LOSS_EVERY >= 0"),
+            (self.bigram_buckets == 0 or (self.bigram_buckets >= 2 and self.bigram_dim >= 1),
+             f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 or >= 2, BIGRAM_DIM={self.bigram_dim} >= 1"),
+            (self.ttt_epochs >= 0 and self.ttt_chunk_tokens >= self.eval_stride and self.ttt_lr > 0,
+             f"TTT_EPOCHS={self.ttt_epochs} must be >= 0, TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} >= EVAL_STRIDE, TTT_LR > 0"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
         ]
@@ -477,9 +495,27 @@ class Block(nn.Module):
         return x + self.mlp_scale * self.mlp(rms_norm(x))
 
 
+class BigramHash(nn.Module):
+    """Embedding of hash(previous token, token), projected to model_dim; position 0 has its own bucket."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        self.embed = nn.Embedding(args.bigram_buckets, args.bigram_dim)
+        nn.init.normal_(self.embed.weight, std=TIED_EMBED_INIT_STD)
+        self.proj = CastedLinear(args.bigram_dim, args.model_dim, zero_init=True)
+        self.scale = nn.Parameter(torch.tensor(BIGRAM_SCALE_INIT))
+
+    def forward(self, input_ids: Tensor) -> Tensor:
+        mod = self.embed.num_embeddings - 1
+        prev = F.pad(input_ids[:, :-1], (1, 0))
+        h = torch.bitwise_xor(BIGRAM_HASH[0] * input_ids, BIGRAM_HASH[1] * prev) % mod
+        h[:, 0] = mod
+        return self.scale * self.proj(self.embed(h))
+
+
 class ConvGPT(nn.Module):
-    """Tied embedding -> SmearGate -> RMSNorm -> blocks (ConvMix, every MEM_EVERY-th ChunkMemory) -> RMSNorm
-    -> head with tanh softcap."""
+    """Tied embedding (+ BigramHash) -> SmearGate -> RMSNorm -> blocks (ConvMix, every MEM_EVERY-th
+    ChunkMemory; U-Net skips optional) -> RMSNorm -> head with tanh softcap."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -487,7 +523,10 @@ class ConvGPT(nn.Module):
         d = args.model_dim
         self.tok_emb = nn.Embedding(args.vocab_size, d)
         nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
+        self.bigram = BigramHash(args) if args.bigram_buckets else None
         self.smear = nn.Parameter(torch.full((d,), SMEAR_INIT)) if args.smear_gate else None
+        self.n_encoder = args.num_layers // 2
+        self.skip_weights = nn.Parameter(torch.ones(self.n_encoder, d)) if args.unet_skips else None
         blocks, n_mem = [], 0
         for i in range(args.num_layers):
             if args.mem_every and (i + 1) % args.mem_every == 0:
@@ -498,7 +537,7 @@ class ConvGPT(nn.Module):
                 blocks.append(Block(args, ConvMix(args)))
         self.blocks = nn.ModuleList(blocks)
         self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
-        table = conv_taps(max(args.train_seq_len, args.eval_len), args.conv1d_k, args.conv2d_k)
+        table = conv_taps(max(args.train_seq_len, args.eval_len), args.conv1d_k, args.conv2d_k, args.conv2d_layout)
         self.register_buffer("conv_table", table, persistent=False)
         self.register_buffer("conv_inverse", conv_taps_inverse(table), persistent=False)
 
@@ -513,11 +552,18 @@ class ConvGPT(nn.Module):
         if T > self.conv_table.shape[0]:
             raise ValueError(f"sequence of {T} tokens is longer than the model's {self.conv_table.shape[0]}")
         x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
         if self.smear is not None:
             x = self.smear_previous(x, input_ids)
         x0 = x = rms_norm(x)
-        for block in self.blocks:
+        skips = []
+        for i, block in enumerate(self.blocks):
+            if self.skip_weights is not None and i >= self.n_encoder and skips:
+                x = x + self.skip_weights[len(skips) - 1].to(x.dtype) * skips.pop()
             x = block(x, x0, (self.conv_table[:T], self.conv_inverse))
+            if self.skip_weights is not None and i < self.n_encoder:
+                skips.append(x)
         x = rms_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         cap = self.args.logit_softcap
@@ -593,8 +639,13 @@ def build_optimizers(model: ConvGPT, args: Hyperparameters, orthogonalize: Calla
     matrices = [m.weight for m in block_matrices(model).values()]
     matrix_ids = {id(p) for p in matrices}
     scalars = [p for p in model.blocks.parameters() if id(p) not in matrix_ids]
-    scalars += [model.smear] if model.smear is not None else []
-    groups = [dict(params=[model.tok_emb.weight], lr=args.tied_embed_lr if args.tie_embeddings else args.embed_lr),
+    scalars += [p for p in (model.smear, model.skip_weights) if p is not None]
+    embeddings = [model.tok_emb.weight]
+    if model.bigram is not None:
+        matrices.append(model.bigram.proj.weight)
+        embeddings.append(model.bigram.embed.weight)
+        scalars.append(model.bigram.scale)
+    groups = [dict(params=embeddings, lr=args.tied_embed_lr if args.tie_embeddings else args.embed_lr),
               dict(params=scalars, lr=args.scalar_lr)]
     groups += [dict(params=[model.lm_head.weight], lr=args.head_lr)] if model.lm_head is not None else []
     adam = torch.optim.Adam(groups, betas=(args.beta1, args.beta2), eps=args.adam_eps, fused=model.tok_emb.weight.is_cuda)
@@ -629,17 +680,14 @@ def eval_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, i
 
 
 @torch.no_grad()
-def eval_val(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], seq_len: int,
-             stride: int | None = None, batch_seqs: int = 8, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
-    """(val_loss in nats, val_bpb) of model.forward_logits over val_tokens; plain windows when stride is
-    None or seq_len, sliding ones otherwise. Sums are float64 and all-reduced across ranks."""
+def score_windows(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
+                  windows: list[tuple[int, int, int]], batch_seqs: int) -> Tensor:
+    """float64 [nll, targets, bytes] summed over the scored targets of windows (see eval_windows)."""
     device = next(model.parameters()).device
     base_bytes, has_space, is_boundary = (t.to(device) for t in luts)
-    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride or seq_len)
-    mine = windows[rank * len(windows) // world_size:(rank + 1) * len(windows) // world_size]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, targets, bytes
-    for i in range(0, len(mine), batch_seqs):
-        batch = torch.tensor(mine[i:i + batch_seqs])
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    for i in range(0, len(windows), batch_seqs):
+        batch = torch.tensor(windows[i:i + batch_seqs])
         length = int(batch[0, 1] - batch[0, 0])
         tokens = val_tokens[batch[:, :1] + torch.arange(length + 1)].to(device).long()
         x, y = tokens[:, :-1], tokens[:, 1:]
@@ -649,15 +697,80 @@ def eval_val(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, T
         scored = torch.arange(length, device=device) >= (batch[:, 2:] - batch[:, :1]).to(device)
         n_bytes = base_bytes[y] + (has_space[y] & ~is_boundary[x])
         sums += torch.stack((nll[scored].double().sum(), scored.sum().double(), n_bytes[scored].double().sum()))
-    all_reduce(sums)
+    return sums
+
+
+def loss_and_bpb(sums: Tensor) -> tuple[float, float]:
     loss = (sums[0] / sums[1]).item()
     return loss, loss / math.log(2) * (sums[1] / sums[2]).item()
+
+
+def eval_val(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], seq_len: int,
+             stride: int | None = None, batch_seqs: int = 8, rank: int = 0, world_size: int = 1) -> tuple[float, float]:
+    """(val_loss in nats, val_bpb) of model.forward_logits over val_tokens; plain windows when stride is
+    None or seq_len, sliding ones otherwise. Sums are float64 and all-reduced across ranks."""
+    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride or seq_len)
+    sums = score_windows(model, val_tokens, luts, shard(windows, rank, world_size), batch_seqs)
+    return loss_and_bpb(all_reduce(sums))
+
+
+def shard(items: list, rank: int, world_size: int) -> list:
+    return items[rank * len(items) // world_size:(rank + 1) * len(items) // world_size]
+
+
+def eval_ttt(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], args: Hyperparameters,
+             batch_seqs: int, rank: int = 0, world_size: int = 1) -> tuple[float, float, list[Tensor]]:
+    """Legal score-first TTT: sliding windows in groups of TTT_CHUNK_TOKENS targets, left to right; each group
+    is scored first, then the model trains TTT_EPOCHS epochs of SGD on exactly the targets scored so far that
+    it has not trained on, so no token is trained on before it is scored. Mutates model. Returns (val_loss,
+    val_bpb, the all-reduced [nll, targets, bytes] of every group)."""
+    seq_len, stride = args.eval_len, args.eval_stride
+    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
+    per_group = max(1, args.ttt_chunk_tokens // stride)
+    groups = [windows[i:i + per_group] for i in range(0, len(windows), per_group)]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    group_sums, trained_to = [], 0
+    for g, group in enumerate(groups):
+        model.eval()
+        group_sums.append(all_reduce(score_windows(model, val_tokens, luts, shard(group, rank, world_size), batch_seqs)))
+        scored_to = group[-1][1]
+        if g + 1 < len(groups):
+            ttt_train(model, opt, params, val_tokens, (trained_to, scored_to), seq_len, batch_seqs, rank, world_size, args.ttt_epochs)
+        trained_to = scored_to
+    return (*loss_and_bpb(torch.stack(group_sums).sum(0)), group_sums)
+
+
+def ttt_train(model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], val_tokens: Tensor,
+              span: tuple[int, int], seq_len: int, batch_seqs: int, rank: int, world_size: int, epochs: int) -> None:
+    """SGD on the targets of input positions [lo, hi) in sequences of seq_len ending by hi (the last one is
+    shifted back so it ends at hi, re-reading a few scored targets). A step is batch_seqs sequences split over
+    the ranks and averaged, so the updates do not depend on the world size."""
+    lo, hi = span
+    length = min(seq_len, hi)
+    starts = sorted({*range(lo, hi - length + 1, length), hi - length})
+    device = next(model.parameters()).device
+    model.train()
+    for _, i in itertools.product(range(epochs), range(0, len(starts), batch_seqs)):
+        opt.zero_grad(set_to_none=False)
+        step = starts[i:i + batch_seqs]
+        mine = shard(step, rank, world_size)
+        if mine:
+            tokens = val_tokens[torch.tensor(mine)[:, None] + torch.arange(length + 1)].to(device).long()
+            with autocast(device):
+                loss = model(tokens[:, :-1], tokens[:, 1:])
+            (loss * len(mine) * world_size / len(step)).backward()
+        sync_gradients(params, world_size)
+        opt.step()
+    model.eval()
 
 
 # ----------------------------------------------------------------------------- export
 
 def quant_plan(model: ConvGPT) -> dict[str, str]:
-    matrices = block_matrices(model)
+    matrices = {*block_matrices(model), "bigram.embed.weight", "bigram.proj.weight"}
     embeddings = ("tok_emb.weight", "lm_head.weight")
     return {name: "int6" if name in matrices else model.args.embed_quant if name in embeddings else "fp16"
             for name in model.state_dict()}
@@ -711,15 +824,20 @@ def load_artifact(model: ConvGPT) -> int:
     except RuntimeError as e:
         detail = " ".join(str(e).split())[:300]
         raise FatalError(f"ARTIFACT_PATH={path} does not match the model settings: {detail}") from None
+    set_qat(model, False)  # the weights are the artifact's; fake-quantizing them again would change them
     return len(blob)
 
 
-def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None) -> tuple[float, float, float]:
-    """eval_val at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
+def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None,
+             ttt: bool = False) -> tuple[float, float, float]:
+    """eval_val (or eval_ttt) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
     args = model.args
     t0 = time.perf_counter()
     batch_seqs = max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
-    loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
+    if ttt:
+        loss, bpb, _ = eval_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
+    else:
+        loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
     return loss, bpb, 1000 * (time.perf_counter() - t0)
 
 
@@ -731,6 +849,11 @@ def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Cal
     loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride)
     log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if model.args.ttt_epochs:
+        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True)
+        tag = f"stride:{stride} chunk:{model.args.ttt_chunk_tokens} epochs:{model.args.ttt_epochs}"
+        log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+        log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 
 
 # ----------------------------------------------------------------------------- training loop

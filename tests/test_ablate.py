@@ -50,3 +50,23 @@ def test_relative_paths_resolve_before_runs_change_directory(tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     cli = ablate.parse_args(["--data", "d", "--tokenizer", "t.model", "--work", "w", "--out", "r.md"])
     assert (cli.data, cli.tokenizer, cli.work) == (str(tmp_path / "d"), str(tmp_path / "t.model"), tmp_path / "w")
+
+
+def test_step_budget_parallel_jobs_and_ttt_headline(smoke_data, tmp_path):
+    args = harness_args(smoke_data, tmp_path, "default,ttt", "--steps", "3", "--jobs", "2", "--env=TTT_CHUNK_TOKENS=4096")
+    assert ablate.main(args) == 0
+    text = (tmp_path / "results.md").read_text()
+    assert text.startswith("# Ablation, tiny scale, 3 training steps per run") and "runs at once: 2" in text
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "config" not in line}
+    assert rows["default"][4] == rows["ttt"][4] == "3"
+    logs = {p.name: p.read_text() for p in (tmp_path / "work" / "logs").glob("*.txt")}
+    ttt = ablate.parse_log(logs["ttt_seed1.txt"])
+    assert ttt.ttt is not None and ttt.score == ttt.ttt != ttt.sliding and "hp ttt_epochs:3" in logs["ttt_seed1.txt"]
+    assert float(rows["ttt"][6].split()[0]) != float(rows["ttt"][5].split()[0]) and float(rows["ttt"][7]) > 0
+
+
+def test_doubled_sequence_configs_follow_the_scale():
+    assert ablate.config_env("train_seq_x2", "tiny") == {"TRAIN_SEQ_LEN": "512", "EVAL_SEQ_LEN": "512"}
+    assert ablate.config_env("eval_seq_x2", "golf") == {"EVAL_SEQ_LEN": "2048"}
+    assert ablate.config_env("unet", "golf") == {"UNET_SKIPS": "1"}

@@ -37,6 +37,10 @@ def test_defaults_and_overrides():
     ({"MEM_ROPE": "some"}, "MEM_ROPE"),
     ({"VOCAB_SIZE": "70000"}, "VOCAB_SIZE=70000"),
     ({"QAT_START_FRAC": "1.5"}, "QAT_START_FRAC=1.5"),
+    ({"CONV2D_LAYOUT": "spiral"}, "CONV2D_LAYOUT='spiral' must be one of hilbert, dilated"),
+    ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS=1 must be 0 or >= 2"),
+    ({"TTT_EPOCHS": "-1"}, "TTT_EPOCHS=-1"),
+    ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "10"}, "TTT_CHUNK_TOKENS=10 >= EVAL_STRIDE"),
 ])
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(tg.FatalError, match=needle.replace("(", r"\(")):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -113,3 +114,51 @@ def test_plain_equals_sliding_at_full_stride_and_context_helps():
     plain = tg.eval_val(model, tokens, luts, 128)
     assert tg.eval_val(model, tokens, luts, 128, stride=128, batch_seqs=3) == plain
     assert tg.eval_val(model, tokens, luts, 128, stride=32)[0] != plain[0]
+
+
+def ttt_groups(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1)):
+    """eval_ttt on a fresh random model: 700 tokens, seq 128, stride 32, groups of 3 windows (96 targets)."""
+    from test_model import random_model
+
+    model = random_model({})
+    args = dataclasses.replace(model.args, eval_stride=32, ttt_chunk_tokens=96, ttt_epochs=epochs, ttt_lr=0.05)
+    return tg.eval_ttt(model, tokens, random_luts(1024), args, 2, *world)
+
+
+def test_ttt_scores_each_chunk_before_training_on_it():
+    """Perturbing every token after the second group's last scored target (input position 288) must leave the
+    first two groups' scores bit-identical; a TTT that trained on an unscored token would change them."""
+    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    loss, bpb, groups = ttt_groups(tokens, epochs=2)
+    assert len(groups) == 7 and sum(int(g[1]) for g in groups) == 699
+    changed = tokens.clone()
+    changed[289:] = torch.randint(2, 1024, (700 - 289,), dtype=torch.int32)
+    _, _, perturbed = ttt_groups(changed, epochs=2)
+    assert torch.equal(perturbed[0], groups[0]) and torch.equal(perturbed[1], groups[1])
+    assert not torch.equal(perturbed[2], groups[2])
+    no_ttt = ttt_groups(tokens, epochs=0)
+    assert torch.equal(no_ttt[2][0], groups[0]) and not torch.equal(no_ttt[2][1], groups[1])
+    from test_model import random_model
+    plain = tg.eval_val(random_model({}), tokens, random_luts(1024), 128, stride=32, batch_seqs=2)
+    assert no_ttt[0] == pytest.approx(plain[0], rel=1e-6) and no_ttt[1] == pytest.approx(plain[1], rel=1e-6)
+    assert (loss, bpb) == tg.loss_and_bpb(torch.stack(groups).sum(0))
+
+
+def test_ttt_train_reads_only_the_span_it_is_given():
+    """The training sequences of span (lo, hi) end by input position hi: tokens from hi + 1 on are never read."""
+    from test_model import random_model
+
+    model = random_model({})
+    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    seen = []
+    real_forward = model.forward
+    model.forward = lambda x, y: seen.append((x, y)) or real_forward(x, y)
+    tg.ttt_train(model, torch.optim.SGD(params, lr=0.01), params, tokens, (150, 330), 128, 2, 0, 1, epochs=1)
+    targets = torch.cat([y.flatten() for _, y in seen])
+    starts = [int(x[i, 0]) for x, _ in seen for i in range(len(x))]
+    assert all(x.shape[1] == 128 for x, _ in seen) and len(starts) == 2
+    assert torch.equal(seen[-1][1][-1], tokens[203:331].long()) and torch.equal(seen[0][1][0], tokens[151:279].long())
+    assert targets.numel() == 256

@@ -20,6 +20,7 @@ CONFIGS = {
     "conv1d_only": {"MEM_EVERY": "0", "CONV2D_K": "0"},
     "rope_all_untied_relu2": {"MEM_ROPE": "all", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
+    "unet_bigram_dilated": {"UNET_SKIPS": "1", "BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "16", "CONV2D_LAYOUT": "dilated"},
 }
 
 
@@ -45,7 +46,8 @@ def token_batch(seed: int = 1) -> torch.Tensor:
 # (config, qat, triton): every config on the PyTorch reference, and the Triton kernels (interpreted on CPU) on
 # the configurations that exercise them
 CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + [
-    ("default", True, True), ("rope_all_untied_relu2", False, True), ("conv1d_only", False, True)]
+    ("default", True, True), ("rope_all_untied_relu2", False, True), ("conv1d_only", False, True),
+    ("unet_bigram_dilated", False, True)]
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -131,6 +133,42 @@ def test_mixer_layout_and_rope_hybrid():
     kinds = [type(b.mixer).__name__ for b in model.blocks]
     assert kinds == ["ConvMix", "ChunkMemory"] * 3
     assert [b.mixer.use_rope for b in model.blocks[1::2]] == [True, False, True]
+
+
+def test_unet_skips_pair_each_encoder_block_with_its_mirror():
+    model, plain = random_model({"UNET_SKIPS": "1"}), random_model({})
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "skip_weights"})
+    ids = token_batch()
+    outputs = []
+    for block in model.blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        model.skip_weights.zero_()
+        torch.testing.assert_close(model.forward_logits(ids), plain.forward_logits(ids), rtol=0, atol=0)
+        model.skip_weights[0] = 1.0  # encoder block 0 -> decoder block 3, the mirror
+        outputs.clear()
+        model.forward_logits(ids)
+        first, second, third, _ = outputs
+        torch.testing.assert_close(model.blocks[3](third + first, *block_inputs(model, ids)), outputs[3])
+
+
+def block_inputs(model: tg.ConvGPT, ids: torch.Tensor) -> tuple:
+    x0 = tg.rms_norm(model.smear_previous(model.tok_emb(ids), ids))
+    return x0, (model.conv_table[:T], model.conv_inverse)
+
+
+def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
+    model = random_model({"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "16", "UNET_SKIPS": "1", "TIE_EMBEDDINGS": "0"})
+    ids = torch.tensor([[5, 7, 5, 7, 9]])
+    h = []
+    model.bigram.embed.register_forward_hook(lambda module, args, out: h.append(args[0]))
+    model.bigram(ids)
+    assert h[0][0, 0] == 63 and h[0][0, 1] == h[0][0, 3] != h[0][0, 2] and (h[0] < 64).all()
+    optimizers = tg.build_optimizers(model, model.args, tg.zeropower_via_newtonschulz5)
+    owned = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
+    assert sorted(owned) == sorted(id(p) for p in model.parameters())
+    plan = tg.quant_plan(model)
+    assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["skip_weights"] == "fp16"
 
 
 def test_default_config_fits_the_cap_even_with_incompressible_weights(capsys):

@@ -37,7 +37,16 @@ def test_tap_table_is_causal_and_independent_of_length():
     assert conv_taps(5, 2, 0).shape == (5, 2)
 
 
-@pytest.mark.parametrize("bad", [dict(seq_len=MAX_SEQ_LEN + 1), dict(seq_len=0), dict(conv2d_k=4)])
+def test_dilated_control_table_has_the_hilbert_tap_count_at_fixed_distances():
+    table, hilbert = conv_taps(300, 4, 3, "dilated"), conv_taps(300, 4, 3)
+    assert table.shape == hilbert.shape and torch.equal(table[:, :4], hilbert[:, :4])
+    pos = torch.arange(300)[:, None]
+    dists = 4 * torch.arange(1, 10)
+    assert torch.equal(table[:, 4:], torch.where(pos - dists >= 0, pos - dists + 1, 0))
+    assert torch.equal(conv_taps(9, 0, 3, "dilated")[:, 1], torch.tensor([0, 0, 1, 2, 3, 4, 5, 6, 7]))
+
+
+@pytest.mark.parametrize("bad", [dict(seq_len=MAX_SEQ_LEN + 1), dict(seq_len=0), dict(conv2d_k=4), dict(layout="spiral")])
 def test_tap_table_rejects_bad_shapes(bad):
     with pytest.raises(ValueError):
         conv_taps(**{**dict(seq_len=16, conv1d_k=4, conv2d_k=3), **bad})

@@ -201,8 +201,8 @@ def test_unpack_rejects_foreign_and_corrupt_blobs(sample):
     for foreign in (b"PK\x03\x04" + bytes(100), bytes(rng.getrandbits(8) for _ in range(300)), b"\x28\xb5\x2f\xfd" * 8):
         with pytest.raises(ValueError, match="not a ConvGPT"):
             Q.unpack(foreign)
-    with pytest.raises(ValueError, match="version 2"):
-        Q.unpack(blob[:3] + b"\x02" + blob[4:])
+    with pytest.raises(ValueError, match="version 1"):
+        Q.unpack(blob[:3] + b"\x01" + blob[4:])
     with pytest.raises(ValueError, match="truncated or corrupt"):
         Q.unpack(blob + b"\x00")
     for pos in (4, 9, len(blob) // 2, len(blob) - 2):
@@ -252,3 +252,17 @@ def test_compression_sanity():
     zeros = Q.pack(Q.quantize_state_dict({"w": torch.zeros(512, 1536)}, {"w": "int6"}))
     assert len(zeros) < 500
     assert torch.equal(Q.dequantize_state_dict(Q.unpack(zeros))["w"], torch.zeros(512, 1536))
+
+
+def test_int6_values_come_first_and_compress_better_than_interleaved():
+    """FORMAT_VERSION 2 groups every q part before the fp16 parts; version 1's per-tensor interleaving costs bytes."""
+    g = torch.Generator().manual_seed(0)
+    sd = {name: torch.randn(512, 768, generator=g) / 30 if name.endswith(".w") else torch.rand(512, generator=g)
+          for i in range(6) for name in (f"b{i}.w", f"b{i}.s")}
+    qsd = Q.quantize_state_dict(sd, {k: "int6" if k.endswith(".w") else "fp16" for k in sd}, (1.0, 0.9))
+    blob = Q.pack(qsd)
+    header, _ = body_of(blob)
+    offsets = {(t["name"], part): off for t in header["tensors"] for part, (off, _) in t["parts"].items()}
+    assert max(v for (n, p), v in offsets.items() if p == "q") < min(v for (n, p), v in offsets.items() if p != "q")
+    interleaved = b"".join(qsd[n][p].numpy().tobytes() for n in sorted(qsd) for p in (("q", "scale") if "q" in qsd[n] else ("data",)))
+    assert len(blob) < len(zstandard.ZstdCompressor(level=Q.ZSTD_LEVEL).compress(interleaved))

@@ -83,6 +83,19 @@ def test_two_process_gloo_matches_one_process_with_accumulation(reference_run, s
     assert two == pytest.approx(float(log_values(stdout, "final_sliding_window")["val_bpb"]), abs=2e-4)
 
 
+def test_ttt_adds_a_headline_after_the_unchanged_sliding_score_and_matches_across_ranks(reference_run, smoke_data, tmp_path):
+    _, stdout = reference_run
+    env = trainer_env(smoke_data, tmp_path, TTT_EPOCHS="2", TTT_CHUNK_TOKENS="2048", TTT_LR="0.01")
+    one, two = run_trainer(env, tmp_path), run_trainer(env, tmp_path, nproc=2)
+    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
+    lines = one.stdout.splitlines()
+    assert lines[-2].startswith("final_ttt stride:32 chunk:2048 epochs:2 ") and lines[-1].startswith("final_ttt_exact ")
+    assert log_values(one.stdout, "final_sliding_window_exact") == log_values(stdout, "final_sliding_window_exact")
+    ttt, sliding = (float(log_values(one.stdout, p)["val_bpb"]) for p in ("final_ttt_exact", "final_sliding_window_exact"))
+    assert ttt != sliding and float(log_values(one.stdout, "final_ttt")["eval_time"].removesuffix("ms")) > 0
+    assert float(log_values(two.stdout, "final_ttt_exact")["val_bpb"]) == pytest.approx(ttt, abs=1e-3)
+
+
 def copy_dataset(smoke_data, dest: Path) -> Path:
     shutil.copytree(smoke_data["data"], dest)
     return dest

@@ -22,6 +22,8 @@ The log is a sequence of `key:value` lines written by rank 0 (see README.md, "Ou
   final_int6_zstd_roundtrip_exact val_loss:L val_bpb:B
   final_sliding_window stride:K val_loss:L val_bpb:B eval_time:Xms
   final_sliding_window_exact stride:K val_loss:L val_bpb:B          <- the headline score
+  final_ttt stride:K chunk:C epochs:E val_loss:L val_bpb:B eval_time:Xms   (TTT_EPOCHS > 0 only)
+  final_ttt_exact stride:K chunk:C epochs:E val_loss:L val_bpb:B    <- the headline score when present
 Other lines (launcher noise) are ignored. The trainer appends to logs/<RUN_ID>.txt, so a file that holds more than
 one run (two `world_size:` lines) is refused rather than silently mixed.
 """
@@ -95,7 +97,8 @@ class RunLog:
     artifact: ArtifactBytes | None = None
     prequant: Score | None = None
     roundtrip: Score | None = None  # final_int6_zstd_roundtrip(_exact)
-    sliding: Score | None = None  # final_sliding_window(_exact): the headline score
+    sliding: Score | None = None  # final_sliding_window(_exact): the headline score without TTT
+    ttt: Score | None = None  # final_ttt(_exact): score-first test-time training, the headline when present
 
     # -- accessors that refuse an unfinished run with a message naming the log
     def _missing(self, line: str) -> ValueError:
@@ -103,10 +106,10 @@ class RunLog:
 
     @property
     def score(self) -> Score:
-        """The headline score (final_sliding_window_exact)."""
+        """The headline score: final_ttt_exact when the run used TTT, else final_sliding_window_exact."""
         if self.sliding is None:
             raise self._missing(HEADLINE)
-        return self.sliding
+        return self.ttt or self.sliding
 
     @property
     def sizes(self) -> ArtifactBytes:
@@ -212,6 +215,8 @@ def parse_log(text: str, source: str = "<text>", *, require_finished: bool = Tru
         run.roundtrip = _score(finals["final_int6_zstd_roundtrip_exact"], finals.get("final_int6_zstd_roundtrip"))
     if HEADLINE in finals:
         run.sliding = _score(finals[HEADLINE], finals.get("final_sliding_window"))
+    if "final_ttt_exact" in finals:
+        run.ttt = _score(finals["final_ttt_exact"], finals.get("final_ttt"))
     if require_finished:
         if env_lines == 0:
             raise ValueError(f"log {source} has no world_size line: it is not a train_gpt.py log")
