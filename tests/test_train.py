@@ -205,16 +205,19 @@ def test_real_fineweb_run_beats_unigram(tmp_path):
 
 def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp_path):
     """COMPILE=1 on CPU (inductor): the GPU path's graphs, QAT switching on mid-run after a warm-up that
-    compiled both variants. Numerics differ from eager only by fusion rounding."""
+    compiled both variants, the record-era switches and TTT through the compiled forward. Numerics differ
+    from eager only by fusion rounding."""
     _, stdout = reference_run
-    out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", QAT_START_FRAC="0.5", WARMUP_STEPS="2",
-                                  EVAL_STRIDE="64"), tmp_path, timeout=900)
+    env = dict(QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64", UNET_SKIPS="1", BIGRAM_BUCKETS="64",
+               BIGRAM_DIM="16", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="4096")
+    out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", **env), tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compile:True" in out.stdout
-    eager = run_trainer(trainer_env(smoke_data, tmp_path, QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64",
-                                    ARTIFACT_PATH=str(tmp_path / "eager.ptz")), tmp_path)
+    eager = run_trainer(trainer_env(smoke_data, tmp_path, ARTIFACT_PATH=str(tmp_path / "eager.ptz"), **env), tmp_path)
     np.testing.assert_allclose(train_losses(out.stdout), train_losses(eager.stdout), rtol=2e-3)
     assert train_losses(out.stdout) != train_losses(stdout)
+    compiled_ttt, eager_ttt = (float(log_values(o.stdout, "final_ttt_exact")["val_bpb"]) for o in (out, eager))
+    assert compiled_ttt == pytest.approx(eager_ttt, abs=5e-3)
 
 
 def test_triton_kernels_through_the_trainer_match_the_reference(reference_run, smoke_data, tmp_path):
