@@ -111,8 +111,7 @@ class Hyperparameters:
     conv1d_k: int = 4  # causal 1D taps (0 = no 1D branch)
     conv2d_k: int = 3  # Hilbert grid window side, odd (0 = no 2D branch)
     conv2d_layout: str = "hilbert"  # dilated = control: the same k*k taps at 1D distances conv1d_k * (1..k*k)
-    unet_skips: bool = False  # encoder outputs (first half of the blocks) added into the mirrored decoder inputs
-    bigram_buckets: int = 0  # BigramHash embedding of (previous, current) token pairs; 0 = off
+    bigram_buckets: int = 2048  # BigramHash embedding of (previous, current) token pairs; 0 = off
     bigram_dim: int = 128
     mem_every: int = 2  # every mem_every-th block mixes with ChunkMemory instead of ConvMix (0 = never)
     mem_chunk: int = 64  # tokens per memory chunk
@@ -514,8 +513,8 @@ class BigramHash(nn.Module):
 
 
 class ConvGPT(nn.Module):
-    """Tied embedding (+ BigramHash) -> SmearGate -> RMSNorm -> blocks (ConvMix, every MEM_EVERY-th
-    ChunkMemory; U-Net skips optional) -> RMSNorm -> head with tanh softcap."""
+    """Tied embedding + BigramHash -> SmearGate -> RMSNorm -> blocks (ConvMix, every MEM_EVERY-th ChunkMemory)
+    -> RMSNorm -> head with tanh softcap."""
 
     def __init__(self, args: Hyperparameters):
         super().__init__()
@@ -525,8 +524,6 @@ class ConvGPT(nn.Module):
         nn.init.normal_(self.tok_emb.weight, std=TIED_EMBED_INIT_STD)
         self.bigram = BigramHash(args) if args.bigram_buckets else None
         self.smear = nn.Parameter(torch.full((d,), SMEAR_INIT)) if args.smear_gate else None
-        self.n_encoder = args.num_layers // 2
-        self.skip_weights = nn.Parameter(torch.ones(self.n_encoder, d)) if args.unet_skips else None
         blocks, n_mem = [], 0
         for i in range(args.num_layers):
             if args.mem_every and (i + 1) % args.mem_every == 0:
@@ -557,13 +554,8 @@ class ConvGPT(nn.Module):
         if self.smear is not None:
             x = self.smear_previous(x, input_ids)
         x0 = x = rms_norm(x)
-        skips = []
-        for i, block in enumerate(self.blocks):
-            if self.skip_weights is not None and i >= self.n_encoder and skips:
-                x = x + self.skip_weights[len(skips) - 1].to(x.dtype) * skips.pop()
+        for block in self.blocks:
             x = block(x, x0, (self.conv_table[:T], self.conv_inverse))
-            if self.skip_weights is not None and i < self.n_encoder:
-                skips.append(x)
         x = rms_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         cap = self.args.logit_softcap
@@ -639,7 +631,7 @@ def build_optimizers(model: ConvGPT, args: Hyperparameters, orthogonalize: Calla
     matrices = [m.weight for m in block_matrices(model).values()]
     matrix_ids = {id(p) for p in matrices}
     scalars = [p for p in model.blocks.parameters() if id(p) not in matrix_ids]
-    scalars += [p for p in (model.smear, model.skip_weights) if p is not None]
+    scalars += [model.smear] if model.smear is not None else []
     embeddings = [model.tok_emb.weight]
     if model.bigram is not None:
         matrices.append(model.bigram.proj.weight)

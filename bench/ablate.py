@@ -49,8 +49,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "embed_fp16": {"EMBED_QUANT": "fp16"},
     "no_muon_wd": {"MUON_WEIGHT_DECAY": "0"},
     "ema_0999": {"EMA_DECAY": "0.999"},
-    "unet": {"UNET_SKIPS": "1"},
-    "bigram": {"BIGRAM_BUCKETS": "2048", "BIGRAM_DIM": "128"},
+    "no_bigram": {"BIGRAM_BUCKETS": "0"},
     "dilated": {"CONV2D_LAYOUT": "dilated"},  # the 2D branch's taps as a plain dilated 1D conv: does Hilbert earn its place?
     "train_seq_x2": {},  # TRAIN_SEQ_LEN and EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN (golf: 2048)
     "eval_seq_x2": {},  # EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN

@@ -69,4 +69,4 @@ def test_step_budget_parallel_jobs_and_ttt_headline(smoke_data, tmp_path):
 def test_doubled_sequence_configs_follow_the_scale():
     assert ablate.config_env("train_seq_x2", "tiny") == {"TRAIN_SEQ_LEN": "512", "EVAL_SEQ_LEN": "512"}
     assert ablate.config_env("eval_seq_x2", "golf") == {"EVAL_SEQ_LEN": "2048"}
-    assert ablate.config_env("unet", "golf") == {"UNET_SKIPS": "1"}
+    assert ablate.config_env("no_bigram", "golf") == {"BIGRAM_BUCKETS": "0"}

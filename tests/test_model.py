@@ -20,14 +20,14 @@ CONFIGS = {
     "conv1d_only": {"MEM_EVERY": "0", "CONV2D_K": "0"},
     "rope_all_untied_relu2": {"MEM_ROPE": "all", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
-    "unet_bigram_dilated": {"UNET_SKIPS": "1", "BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "16", "CONV2D_LAYOUT": "dilated"},
+    "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
 }
 
 
 def random_model(overrides: dict[str, str], seed: int = 0) -> tg.ConvGPT:
     """A small model with every weight random (zero-initialised projections would hide leaks)."""
     env = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN=str(T),
-               MEM_CHUNK="16", MEM_TOPK="2", MEM_EVERY="2")
+               MEM_CHUNK="16", MEM_TOPK="2", MEM_EVERY="2", BIGRAM_BUCKETS="64", BIGRAM_DIM="16")
     torch.manual_seed(seed)
     model = tg.ConvGPT(tg.Hyperparameters.from_env({**env, **overrides}))
     with torch.no_grad():
@@ -47,7 +47,7 @@ def token_batch(seed: int = 1) -> torch.Tensor:
 # the configurations that exercise them
 CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + [
     ("default", True, True), ("rope_all_untied_relu2", False, True), ("conv1d_only", False, True),
-    ("unet_bigram_dilated", False, True)]
+    ("no_bigram_dilated", False, True)]
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -135,30 +135,8 @@ def test_mixer_layout_and_rope_hybrid():
     assert [b.mixer.use_rope for b in model.blocks[1::2]] == [True, False, True]
 
 
-def test_unet_skips_pair_each_encoder_block_with_its_mirror():
-    model, plain = random_model({"UNET_SKIPS": "1"}), random_model({})
-    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "skip_weights"})
-    ids = token_batch()
-    outputs = []
-    for block in model.blocks:
-        block.register_forward_hook(lambda module, args, out: outputs.append(out))
-    with torch.no_grad():
-        model.skip_weights.zero_()
-        torch.testing.assert_close(model.forward_logits(ids), plain.forward_logits(ids), rtol=0, atol=0)
-        model.skip_weights[0] = 1.0  # encoder block 0 -> decoder block 3, the mirror
-        outputs.clear()
-        model.forward_logits(ids)
-        first, second, third, _ = outputs
-        torch.testing.assert_close(model.blocks[3](third + first, *block_inputs(model, ids)), outputs[3])
-
-
-def block_inputs(model: tg.ConvGPT, ids: torch.Tensor) -> tuple:
-    x0 = tg.rms_norm(model.smear_previous(model.tok_emb(ids), ids))
-    return x0, (model.conv_table[:T], model.conv_inverse)
-
-
 def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
-    model = random_model({"BIGRAM_BUCKETS": "64", "BIGRAM_DIM": "16", "UNET_SKIPS": "1", "TIE_EMBEDDINGS": "0"})
+    model = random_model({"TIE_EMBEDDINGS": "0"})
     ids = torch.tensor([[5, 7, 5, 7, 9]])
     h = []
     model.bigram.embed.register_forward_hook(lambda module, args, out: h.append(args[0]))
@@ -168,18 +146,21 @@ def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
     owned = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())
     plan = tg.quant_plan(model)
-    assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["skip_weights"] == "fp16"
+    assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["bigram.scale"] == "fp16"
 
 
 def test_default_config_fits_the_cap_even_with_incompressible_weights(capsys):
-    """Every block matrix Gaussian (the worst case for int6 + zstd; trained weights compress better)."""
+    """Every int6 tensor (block matrices, BigramHash) Gaussian: the worst case for int6 + zstd; trained weights
+    compress better."""
     model = tg.ConvGPT(tg.Hyperparameters.from_env({}))
     n_params = sum(p.numel() for p in model.parameters())
     assert 20_000_000 <= n_params <= 24_000_000
+    plan = tg.quant_plan(model)
     with torch.no_grad():
-        for m in tg.block_matrices(model).values():
-            m.weight.normal_(0, m.weight.shape[1] ** -0.5)
-    blob = pack(quantize_state_dict(model.state_dict(), tg.quant_plan(model), tg.CLIP_RATIOS))
+        for name, p in model.named_parameters():
+            if plan[name] == "int6":
+                p.normal_(0, p.shape[1] ** -0.5)
+    blob = pack(quantize_state_dict(model.state_dict(), plan, tg.CLIP_RATIOS))
     total = len(blob) + tg.code_bytes()
     with capsys.disabled():
         print(f"\ndefault config: params:{n_params} bytes_model:{len(blob)} bytes_code:{tg.code_bytes()} bytes_total:{total}")

@@ -205,11 +205,10 @@ def test_real_fineweb_run_beats_unigram(tmp_path):
 
 def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp_path):
     """COMPILE=1 on CPU (inductor): the GPU path's graphs, QAT switching on mid-run after a warm-up that
-    compiled both variants, the record-era switches and TTT through the compiled forward. Numerics differ
+    compiled both variants, BigramHash and TTT through the compiled forward. Numerics differ
     from eager only by fusion rounding."""
     _, stdout = reference_run
-    env = dict(QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64", UNET_SKIPS="1", BIGRAM_BUCKETS="64",
-               BIGRAM_DIM="16", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="4096")
+    env = dict(QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="4096")
     out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", **env), tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compile:True" in out.stdout
