@@ -75,6 +75,9 @@ def hilbert_d2xy(side: int, d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+CONV2D_LAYOUTS = ("hilbert", "dilated")  # the 2D branch, and its plain dilated 1D control
+
+
 def conv_taps(seq_len: int, conv1d_k: int, conv2d_k: int, layout: str = "hilbert") -> torch.Tensor:
     """Source table for the causal 1D taps then the Hilbert-masked 2D taps (see the module docstring). The
     "dilated" layout is the control for the 2D branch: the same k*k taps at 1D distances conv1d_k * (1..k*k)."""
@@ -82,8 +85,8 @@ def conv_taps(seq_len: int, conv1d_k: int, conv2d_k: int, layout: str = "hilbert
         raise ValueError(f"seq_len {seq_len} outside the Hilbert grid (1..{MAX_SEQ_LEN})")
     if conv2d_k % 2 == 0 and conv2d_k != 0:
         raise ValueError(f"conv2d_k {conv2d_k} must be odd (a centred KxK window) or 0")
-    if layout not in ("hilbert", "dilated"):
-        raise ValueError(f"layout {layout!r} must be hilbert or dilated")
+    if layout not in CONV2D_LAYOUTS:
+        raise ValueError(f"layout {layout!r} must be one of {', '.join(CONV2D_LAYOUTS)}")
     pos = np.arange(seq_len, dtype=np.int64)
     dists = [*range(conv1d_k)]
     if layout == "dilated":

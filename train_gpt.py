@@ -43,8 +43,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from convgpt_ops import (MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref, chunk_memory_triton,
-                         conv_taps, conv_taps_inverse, gather_conv_triton, triton_enabled)
+from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref,
+                         chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, triton_enabled)
 from quantize import dequantize_state_dict, fake_quant_int6, pack, quantize_state_dict, unpack
 
 # ----------------------------------------------------------------------------- config
@@ -67,7 +67,7 @@ BIGRAM_SCALE_INIT = 0.05  # BigramHash record
 CHOICES = {
     "mlp_act": ("relu2", "leaky_relu2"),
     "mem_rope": ("all", "half", "none"),
-    "conv2d_layout": ("hilbert", "dilated"),
+    "conv2d_layout": CONV2D_LAYOUTS,
     "embed_quant": ("int8", "fp16"),
     "compile": ("auto", "0", "1"),
 }
