@@ -7,14 +7,17 @@ What is here
       neighbours of p, kept only where the neighbour's sequence index is <= p.
   conv_taps_inverse(table): which position reads s through tap j (the backward's gather, no atomics).
   causal_gather_conv_ref(u, table, weight) / gather_conv_triton(u, table, inverse, weight):
-      depthwise conv over those taps, u [B, T, C], weight [C, J].
+      depthwise conv over those taps, u [B, T, C], weight [C, J] in u's dtype.
   chunk_routing(q, k, chunk, topk): which complete earlier chunks each (head, query token) reads.
   chunk_memory_ref(q, k, v, chunk, topk) / chunk_memory_triton(...): sparse chunk-token attention,
-      q [B, H, T, D], k/v [B, Hkv, T, D]; routing stays in PyTorch, the kernels attend.
+      q [B, H, T, D], k/v [B, Hkv, T, D] of one dtype (compiled: bf16/fp16); routing stays in PyTorch.
   triton_enabled(device): the switch. CONVGPT_TRITON=1 forces the kernels, 0 the reference, unset means
       kernels exactly on CUDA; on CPU the kernels need Triton's interpreter (TRITON_INTERPRET=1).
+  launch_*: the kernel launches, shared by the ops and bench/kernel_resources.py (sm_90 compile, no GPU).
+  self_test_kernels(...): each kernel once at the model's parameters against its _ref (the trainer's startup check).
 The kernel ops are torch.library custom ops (convgpt::gather_conv, convgpt::chunk_memory, and their
-backwards) with fake and autograd registrations, so torch.compile(fullgraph=True) traces them.
+backwards) with fake and autograd registrations, so torch.compile(fullgraph=True) traces them. Every input of an
+op has one dtype (CUDA autocast returns fp32 from rms_norm: callers cast).
 
 Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
   * Causality: output t depends only on inputs <= t, for every op and both paths, at every position.
@@ -24,8 +27,11 @@ Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
   * topk >= the number of complete earlier chunks is exactly dense causal attention.
   * Kernels equal their _ref in outputs and every gradient (fp32 ~1e-5, bf16 ~1e-2), deterministically.
 
+  * check_memory_sizes admits exactly the chunk x head-dim tiles whose kernels fit a Hopper block.
+
 Run the checks: python -m pytest -q tests/test_ops.py tests/test_kernels_conv.py tests/test_kernels_memory.py
-(on CPU, tests/conftest.py switches the interpreter on; on a GPU the same tests run the compiled kernels).
+tests/test_kernel_resources.py (on CPU, tests/conftest.py switches the interpreter on; on a GPU the same tests run
+the compiled kernels).
 """
 
 from __future__ import annotations
@@ -45,8 +51,10 @@ MAX_SEQ_LEN = HILBERT_SIDE * HILBERT_SIDE
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LOG2E = 1.4426950408889634  # log2(e): the attention kernels work in base 2
-GATHER_BLOCK_T, GATHER_MAX_BLOCK_C = 32, 128  # positions x channels per gather program
-WGRAD_BLOCK_T, WGRAD_MAX_BLOCK_C, WGRAD_MAX_PROGRAMS = 8, 64, 128  # weight-gradient partial sums
+# Tile sizes from the sm_90 compile (bench/kernel_resources.py, bench/results/kernel_resources_sm90.md):
+MEMORY_MAX_CHUNK, MEMORY_MAX_TILE = 256, 16384  # chunk x head dim: 256 x 64 takes 199 KB of the 227 KB a block has
+GATHER_BLOCK_T, GATHER_MAX_BLOCK_C = 16, 64  # positions x channels per program: 32 x 128 spilled in bf16
+WGRAD_BLOCK_T, WGRAD_MAX_BLOCK_C, WGRAD_MAX_PROGRAMS = 8, 32, 128  # weight-gradient partial sums: 8 x 64 spilled
 
 
 def triton_enabled(device: torch.device) -> bool:
@@ -171,8 +179,9 @@ def _check_gather_conv(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) ->
     """Raise ValueError naming the first argument that breaks the module docstring's contract."""
     if u.dim() != 3 or u.dtype not in FLOAT_DTYPES:
         raise ValueError(f"u must be a 3-D float32/bfloat16/float16 tensor [B, T, C], got {u.dtype} {tuple(u.shape)}")
-    if weight.dim() != 2 or not weight.is_floating_point() or weight.shape[1] < 1:
-        raise ValueError(f"weight must be a floating [C, J] tensor with J >= 1, got {weight.dtype} {tuple(weight.shape)}")
+    if weight.dim() != 2 or weight.dtype != u.dtype or weight.shape[1] < 1:
+        raise ValueError(f"weight must be a [C, J] tensor with J >= 1 in u's dtype {u.dtype}, got {weight.dtype} "
+                         f"{tuple(weight.shape)}")
     (_, T, C), J = u.shape, weight.shape[1]
     if weight.shape[0] != C:
         raise ValueError(f"weight has {weight.shape[0]} channels but u has C={C}")
@@ -186,7 +195,8 @@ def _check_gather_conv(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) ->
         raise ValueError(f"u is on {u.device}: the Triton kernels need CUDA tensors or TRITON_INTERPRET=1")
 
 
-def _gather(x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+def launch_gather(x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
+    """out[b, t, c] = sum_j weight[c, j] * x[b, idx[t, j] - 1, c] on contiguous inputs (forward and grad_u)."""
     B, T, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_c = min(GATHER_MAX_BLOCK_C, triton.next_power_of_2(C))
@@ -195,11 +205,25 @@ def _gather(x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
     return out
 
 
+def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> Tensor:
+    """grad_weight [C, n_taps] (fp32) of the gather conv, on contiguous inputs."""
+    B, T, C = u.shape
+    n_rows, block_c = B * T, min(WGRAD_MAX_BLOCK_C, triton.next_power_of_2(C))
+    blocks = triton.cdiv(n_rows, WGRAD_BLOCK_T)
+    rows_per_prog = triton.cdiv(blocks, min(blocks, WGRAD_MAX_PROGRAMS)) * WGRAD_BLOCK_T
+    n_prog = triton.cdiv(n_rows, rows_per_prog)
+    part = torch.empty(n_prog, C, n_taps, dtype=torch.float32, device=u.device)
+    _gather_conv_wgrad_kernel[(n_prog, triton.cdiv(C, block_c))](
+        grad, u, table, part, T, C, n_rows, rows_per_prog, J=n_taps, BLOCK_J=triton.next_power_of_2(n_taps),
+        BLOCK_T=WGRAD_BLOCK_T, BLOCK_C=block_c)
+    return part.sum(0)
+
+
 @torch.library.custom_op("convgpt::gather_conv", mutates_args=())
 def gather_conv_triton(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
     """out[b, t, c] = sum_j weight[c, j] * u[b, table[t, j] - 1, c]; differentiable in u and weight."""
     _check_gather_conv(u, table, inv, weight)
-    return _gather(u.contiguous(), table.contiguous(), weight.contiguous())
+    return launch_gather(u.contiguous(), table.contiguous(), weight.contiguous())
 
 
 @torch.library.custom_op("convgpt::gather_conv_backward", mutates_args=())
@@ -207,17 +231,7 @@ def gather_conv_backward(grad: Tensor, u: Tensor, table: Tensor, inv: Tensor, we
     """(grad_u, grad_weight) of gather_conv_triton for output gradient grad."""
     _check_gather_conv(u, table, inv, weight)
     grad, u, table, inv, weight = (t.contiguous() for t in (grad.to(u.dtype), u, table, inv, weight))
-    grad_u = _gather(grad, inv, weight)
-    (B, T, C), J = u.shape, weight.shape[1]
-    n_rows, block_c = B * T, min(WGRAD_MAX_BLOCK_C, triton.next_power_of_2(C))
-    blocks = triton.cdiv(n_rows, WGRAD_BLOCK_T)
-    rows_per_prog = triton.cdiv(blocks, min(blocks, WGRAD_MAX_PROGRAMS)) * WGRAD_BLOCK_T
-    n_prog = triton.cdiv(n_rows, rows_per_prog)
-    part = torch.empty(n_prog, C, J, dtype=torch.float32, device=u.device)
-    _gather_conv_wgrad_kernel[(n_prog, triton.cdiv(C, block_c))](
-        grad, u, table, part, T, C, n_rows, rows_per_prog, J=J, BLOCK_J=triton.next_power_of_2(J),
-        BLOCK_T=WGRAD_BLOCK_T, BLOCK_C=block_c)
-    return grad_u, part.sum(0).to(weight.dtype)
+    return launch_gather(grad, inv, weight), launch_gather_wgrad(grad, u, table, weight.shape[1]).to(weight.dtype)
 
 
 @gather_conv_triton.register_fake
@@ -286,11 +300,15 @@ def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: i
 
 
 def check_memory_sizes(chunk: int, head_dim: int) -> None:
-    """The Triton chunk memory tiles one chunk as one block: both sizes must suit tl.dot."""
-    if chunk < 16 or chunk & (chunk - 1):
-        raise ValueError(f"chunk {chunk} must be a power of two >= 16 for the Triton chunk memory")
+    """The Triton chunk memory tiles one chunk as one block: both sizes must suit tl.dot, and the tiles must fit
+    a Hopper block's shared memory (bench/kernel_resources.py --sweep compiles every pair)."""
+    if chunk < 16 or chunk > MEMORY_MAX_CHUNK or chunk & (chunk - 1):
+        raise ValueError(f"chunk {chunk} must be a power of two in 16..{MEMORY_MAX_CHUNK} for the Triton chunk memory")
     if head_dim < 16 or head_dim > 128 or head_dim & (head_dim - 1):
         raise ValueError(f"head dim {head_dim} must be a power of two in 16..128 for the Triton chunk memory")
+    if chunk * head_dim > MEMORY_MAX_TILE:
+        raise ValueError(f"chunk {chunk} x head dim {head_dim} needs more than the 227 KB of shared memory of a Hopper "
+                         f"block (at most {MEMORY_MAX_TILE} elements)")
 
 
 def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picked: Tensor | None = None) -> None:
@@ -306,6 +324,9 @@ def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picke
         raise ValueError(f"q heads H={H} must be a multiple of kv heads Hkv={k.shape[1]}")
     if q.dtype not in FLOAT_DTYPES or q.dtype != k.dtype or q.dtype != v.dtype:
         raise ValueError(f"q, k, v dtypes must be equal and one of fp32/bf16/fp16; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype == torch.float32 and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("fp32 q, k, v: the compiled chunk memory runs bf16/fp16 only (fp32 tiles spill); use bf16 "
+                         "autocast or CONVGPT_TRITON=0")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v must share a device; got {q.device}, {k.device}, {v.device}")
     if T < 1 or B < 1 or H < 1:
@@ -441,11 +462,8 @@ def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BITS, KLIST, KCNT, DK, DV, sm_scale, qk
     tl.store(DV + out_off, dv, mask=col_ok[:, None])
 
 
-@torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
-def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32); see the module docstring."""
-    check_chunk_memory_inputs(q, k, v, chunk, picked)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the chunk memory on contiguous inputs."""
     (B, H, T, D), hkv = q.shape, k.shape[1]
     bits, q_list, q_cnt, _, _ = _schedule(picked, chunk)
     nt = triton.cdiv(T, chunk)
@@ -453,6 +471,28 @@ def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int)
     _fwd_kernel[(B * H, nt)](q, k, v, bits, q_list, q_cnt, out, lse, LOG2E / math.sqrt(D), T, nt, H, hkv, H // hkv,
                              D=D, **_launch_opts(chunk, q.dtype))
     return out, lse
+
+
+def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
+                           delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv) of the chunk memory on contiguous inputs (grad_out in q's dtype, lse and delta fp32)."""
+    (B, H, T, D), hkv = q.shape, k.shape[1]
+    bits, q_list, q_cnt, k_list, k_cnt = _schedule(picked, chunk)
+    nt, sm_scale, opts = triton.cdiv(T, chunk), 1.0 / math.sqrt(D), _launch_opts(chunk, q.dtype)
+    dq = torch.empty_like(q)
+    dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
+    dv = torch.empty_like(dk)
+    scalars = (sm_scale, sm_scale * LOG2E, T, nt, H, hkv, H // hkv)
+    _dq_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, q_list, q_cnt, dq, *scalars, D=D, **opts)
+    _dkv_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, k_list, k_cnt, dk, dv, *scalars, D=D, **opts)
+    return dq, dk.view(B, hkv, H // hkv, T, D).sum(2).to(k.dtype), dv.view(B, hkv, H // hkv, T, D).sum(2).to(v.dtype)
+
+
+@torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
+def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32); see the module docstring."""
+    check_chunk_memory_inputs(q, k, v, chunk, picked)
+    return launch_memory_forward(q.contiguous(), k.contiguous(), v.contiguous(), picked, chunk)
 
 
 @chunk_memory_op.register_fake
@@ -464,18 +504,8 @@ def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: i
 def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
                              delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
-    q, k, v, grad_out = q.contiguous(), k.contiguous(), v.contiguous(), grad_out.contiguous().to(q.dtype)
-    lse, delta = lse.float().contiguous(), delta.float().contiguous()
-    (B, H, T, D), hkv = q.shape, k.shape[1]
-    bits, q_list, q_cnt, k_list, k_cnt = _schedule(picked, chunk)
-    nt, sm_scale, opts = triton.cdiv(T, chunk), 1.0 / math.sqrt(D), _launch_opts(chunk, q.dtype)
-    dq = torch.empty_like(q)
-    dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
-    dv = torch.empty_like(dk)
-    scalars = (sm_scale, sm_scale * LOG2E, T, nt, H, hkv, H // hkv)
-    _dq_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, q_list, q_cnt, dq, *scalars, D=D, **opts)
-    _dkv_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, k_list, k_cnt, dk, dv, *scalars, D=D, **opts)
-    return dq, dk.view(B, hkv, H // hkv, T, D).sum(2).to(k.dtype), dv.view(B, hkv, H // hkv, T, D).sum(2).to(v.dtype)
+    return launch_memory_backward(grad_out.contiguous().to(q.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
+                                  picked, lse.float().contiguous(), delta.float().contiguous(), chunk)
 
 
 @chunk_memory_backward_op.register_fake
@@ -509,3 +539,37 @@ def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) 
     with torch.no_grad():
         picked = chunk_routing(q.detach(), k.detach(), chunk, topk)
     return chunk_memory_op(q, k, v, picked, chunk)[0]
+
+
+SELF_TEST_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max |err| / max |ref|
+
+
+def self_test_kernels(device: torch.device, dtype: torch.dtype, tables: tuple[Tensor, Tensor] | None, channels: int,
+                      memory: tuple[int, int, int, int] | None) -> None:
+    """Forward and backward of the gather conv (tables = (table, inverse)) and the sparse chunk memory (memory =
+    (heads, kv heads, head dim, chunk)) once, on short random inputs at the model's kernel parameters, against the
+    references in fp32 on the same rounded inputs. Raises on a compile error, a failed launch or an error above
+    SELF_TEST_TOL."""
+    gen = torch.Generator().manual_seed(0)
+    checks = []
+    if tables is not None:
+        table, inverse = tables[0][:2 * GATHER_BLOCK_T].to(device), tables[1].to(device)
+        u, w = torch.randn(1, table.shape[0], channels, generator=gen), torch.randn(channels, table.shape[1], generator=gen)
+        checks.append(("gather_conv", lambda u, w: gather_conv_triton(u, table, inverse, w),
+                       lambda u, w: causal_gather_conv_ref(u, table, w), (u, w)))
+    if memory is not None:
+        heads, kv_heads, head_dim, chunk = memory
+        qkv = [torch.randn(1, h, 4 * chunk, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads)]
+        checks.append(("chunk_memory", lambda *qkv: chunk_memory_triton(*qkv, chunk, 1),
+                       lambda *qkv: chunk_memory_ref(*qkv, chunk, 1), qkv))
+    for name, kernel, ref, inputs in checks:
+        upstream, results = torch.randn(inputs[0].shape, generator=gen).to(device, dtype), []
+        for fn, dt in ((kernel, dtype), (ref, torch.float32)):
+            leaves = [x.to(device, dtype).to(dt).requires_grad_() for x in inputs]
+            out = fn(*leaves)
+            out.backward(upstream.to(dt))
+            results.append([out, *(x.grad for x in leaves)])
+        for got, want in zip(*results):
+            err = ((got.float() - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+            if not err <= SELF_TEST_TOL[dtype]:
+                raise RuntimeError(f"{name} on {device} ({dtype}) differs from its reference: relative error {err:.2e}")

@@ -20,6 +20,8 @@ Invariants
   * TTT scores every target before any update trains on it (tests/test_eval.py perturbs unscored tokens).
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
   * The artifact is written atomically, only from finite weights and only under the cap.
+  * With the Triton kernels on, each runs once against its reference before training (one error line naming
+    CONVGPT_TRITON=0 if not); on CUDA the step compiles with fullgraph=True, so a graph break fails at once.
   * Bad input: one "error: ..." line on stderr, exit code 2, nothing overwritten.
   * `import train_gpt` has no side effects.
 """
@@ -35,16 +37,18 @@ import sys
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import triton
 from torch import Tensor, nn
 
 from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref,
-                         chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, triton_enabled)
+                         chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, self_test_kernels,
+                         triton_enabled)
 from quantize import dequantize_state_dict, fake_quant_int6, pack, quantize_state_dict, unpack
 
 # ----------------------------------------------------------------------------- config
@@ -155,6 +159,10 @@ class Hyperparameters:
     @property
     def eval_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def max_seq_len(self) -> int:
+        return max(self.train_seq_len, self.eval_len)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Hyperparameters:
@@ -415,24 +423,35 @@ def apply_rotary(x: Tensor, base: float) -> Tensor:
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), -1)
 
 
+class TapTable(nn.Module):
+    """The gather conv's source table for the longest sequence and its inverse (convgpt_ops.conv_taps), one
+    instance shared by every ConvMix: a row depends only on its position, so table[:T] serves length T."""
+
+    def __init__(self, args: Hyperparameters):
+        super().__init__()
+        table = conv_taps(args.max_seq_len, args.conv1d_k, args.conv2d_k, args.conv2d_layout)
+        self.register_buffer("table", table, persistent=False)
+        self.register_buffer("inverse", conv_taps_inverse(table), persistent=False)
+
+
 class ConvMix(nn.Module):
     """[u, g] = W_in h; m = causal 1D conv and Hilbert 2D conv of u, fused by a per-channel sigmoid gate
     (one gather conv over both tap sets); y = W_out(silu(g) * m)."""
 
-    def __init__(self, args: Hyperparameters):
+    def __init__(self, args: Hyperparameters, tap_table: TapTable):
         super().__init__()
         d, k1, k2 = args.model_dim, args.conv1d_k, args.conv2d_k
-        self.k1 = k1
+        self.k1, self.tap_table = k1, tap_table
         self.w_in = CastedLinear(d, 2 * d)
         self.w_out = CastedLinear(d, d, zero_init=True)
         self.taps = nn.Parameter(torch.cat((torch.randn(d, k1) / max(k1, 1) ** 0.5, torch.randn(d, k2 * k2) / max(k2, 1)), 1))
         self.fuse = nn.Parameter(torch.zeros(d))
         self.triton = False
 
-    def forward(self, x: Tensor, taps: tuple[Tensor, Tensor]) -> Tensor:
-        (table, inverse), (u, g) = taps, self.w_in(x).chunk(2, -1)
+    def forward(self, x: Tensor) -> Tensor:
+        table, inverse, (u, g) = self.tap_table.table[:x.shape[1]], self.tap_table.inverse, self.w_in(x).chunk(2, -1)
         f = torch.sigmoid(self.fuse)[:, None]
-        w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1)
+        w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1).to(u.dtype)
         m = gather_conv_triton(u, table, inverse, w) if self.triton else causal_gather_conv_ref(u, table, w)
         return self.w_out(F.silu(g) * m)
 
@@ -451,7 +470,7 @@ class ChunkMemory(nn.Module):
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), QK_GAIN_INIT))
         self.triton = False
 
-    def forward(self, x: Tensor, taps: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor) -> Tensor:
         a, (B, T, _) = self.args, x.shape
         q = rms_norm(self.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2))
         k, v = self.kv(x).view(B, T, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).chunk(2, 1)
@@ -459,6 +478,7 @@ class ChunkMemory(nn.Module):
         if self.use_rope:
             q, k = apply_rotary(q, a.rope_base), apply_rotary(k, a.rope_base)
         q = q * self.q_gain.to(q.dtype)[:, None, None]
+        q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast runs rms_norm in fp32: the ops take one dtype
         dense = a.mem_topk >= (T - 1) // a.mem_chunk  # every earlier chunk: flash attention beats the kernel
         memory = chunk_memory_triton if self.triton and not dense else chunk_memory_ref
         y = memory(q, k, v, a.mem_chunk, a.mem_topk)
@@ -488,9 +508,9 @@ class Block(nn.Module):
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x: Tensor, x0: Tensor, taps: tuple[Tensor, Tensor]) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.mix_scale * self.mixer(rms_norm(x), taps)
+        x = x + self.mix_scale * self.mixer(rms_norm(x))
         return x + self.mlp_scale * self.mlp(rms_norm(x))
 
 
@@ -525,18 +545,16 @@ class ConvGPT(nn.Module):
         self.bigram = BigramHash(args) if args.bigram_buckets else None
         self.smear = nn.Parameter(torch.full((d,), SMEAR_INIT)) if args.smear_gate else None
         blocks, n_mem = [], 0
+        tap_table = TapTable(args) if args.mem_every != 1 else None
         for i in range(args.num_layers):
             if args.mem_every and (i + 1) % args.mem_every == 0:
                 rope = args.mem_rope == "all" or (args.mem_rope == "half" and n_mem % 2 == 0)
                 blocks.append(Block(args, ChunkMemory(args, rope)))
                 n_mem += 1
             else:
-                blocks.append(Block(args, ConvMix(args)))
+                blocks.append(Block(args, ConvMix(args, tap_table)))
         self.blocks = nn.ModuleList(blocks)
         self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
-        table = conv_taps(max(args.train_seq_len, args.eval_len), args.conv1d_k, args.conv2d_k, args.conv2d_layout)
-        self.register_buffer("conv_table", table, persistent=False)
-        self.register_buffer("conv_inverse", conv_taps_inverse(table), persistent=False)
 
     def smear_previous(self, x: Tensor, input_ids: Tensor) -> Tensor:
         """SmearGate: blend in the previous position, never into a BOS and never at position 0."""
@@ -545,9 +563,8 @@ class ConvGPT(nn.Module):
         return x + torch.sigmoid(self.smear).to(x.dtype) * blend * (prev - x)
 
     def forward_logits(self, input_ids: Tensor) -> Tensor:
-        T = input_ids.shape[1]
-        if T > self.conv_table.shape[0]:
-            raise ValueError(f"sequence of {T} tokens is longer than the model's {self.conv_table.shape[0]}")
+        if input_ids.shape[1] > self.args.max_seq_len:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's {self.args.max_seq_len}")
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
@@ -555,7 +572,7 @@ class ConvGPT(nn.Module):
             x = self.smear_previous(x, input_ids)
         x0 = x = rms_norm(x)
         for block in self.blocks:
-            x = block(x, x0, (self.conv_table[:T], self.conv_inverse))
+            x = block(x, x0)
         x = rms_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         cap = self.args.logit_softcap
@@ -627,7 +644,13 @@ class Muon(torch.optim.Optimizer):
                 p.add_(flat[offsets[j]:offsets[j + 1]].view_as(p).to(p.dtype), alpha=-group["lr"])
 
 
-def build_optimizers(model: ConvGPT, args: Hyperparameters, orthogonalize: Callable) -> list[torch.optim.Optimizer]:
+class Optimizers(NamedTuple):
+    """Adam for the embeddings, the head and the control tensors; Muon for the 2-D matrices."""
+    adam: torch.optim.Adam
+    muon: Muon
+
+
+def build_optimizers(model: ConvGPT, args: Hyperparameters, orthogonalize: Callable) -> Optimizers:
     matrices = [m.weight for m in block_matrices(model).values()]
     matrix_ids = {id(p) for p in matrices}
     scalars = [p for p in model.blocks.parameters() if id(p) not in matrix_ids]
@@ -645,7 +668,7 @@ def build_optimizers(model: ConvGPT, args: Hyperparameters, orthogonalize: Calla
     for opt in (adam, muon):
         for group in opt.param_groups:
             group["base_lr"] = group["lr"]
-    return [adam, muon]
+    return Optimizers(adam, muon)
 
 
 def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
@@ -759,6 +782,34 @@ def ttt_train(model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor]
     model.eval()
 
 
+def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None,
+             ttt: bool = False) -> tuple[float, float, float]:
+    """eval_val (or eval_ttt) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
+    args = model.args
+    t0 = time.perf_counter()
+    batch_seqs = max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
+    if ttt:
+        loss, bpb, _ = eval_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
+    else:
+        loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
+    return loss, bpb, 1000 * (time.perf_counter() - t0)
+
+
+def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None]) -> None:
+    loss, bpb, ms = evaluate(model, val_tokens, luts, d)
+    log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+    log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    stride = model.args.eval_stride
+    loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride)
+    log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+    log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    if model.args.ttt_epochs:
+        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True)
+        tag = f"stride:{stride} chunk:{model.args.ttt_chunk_tokens} epochs:{model.args.ttt_epochs}"
+        log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
+        log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+
+
 # ----------------------------------------------------------------------------- export
 
 def quant_plan(model: ConvGPT) -> dict[str, str]:
@@ -820,34 +871,6 @@ def load_artifact(model: ConvGPT) -> int:
     return len(blob)
 
 
-def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None,
-             ttt: bool = False) -> tuple[float, float, float]:
-    """eval_val (or eval_ttt) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
-    args = model.args
-    t0 = time.perf_counter()
-    batch_seqs = max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
-    if ttt:
-        loss, bpb, _ = eval_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
-    else:
-        loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
-    return loss, bpb, 1000 * (time.perf_counter() - t0)
-
-
-def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None]) -> None:
-    loss, bpb, ms = evaluate(model, val_tokens, luts, d)
-    log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
-    log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    stride = model.args.eval_stride
-    loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride)
-    log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
-    log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    if model.args.ttt_epochs:
-        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True)
-        tag = f"stride:{stride} chunk:{model.args.ttt_chunk_tokens} epochs:{model.args.ttt_epochs}"
-        log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
-        log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-
-
 # ----------------------------------------------------------------------------- training loop
 
 def sync_gradients(params: list[Tensor], world_size: int) -> None:
@@ -858,7 +881,7 @@ def sync_gradients(params: list[Tensor], world_size: int) -> None:
             g.copy_(part.view_as(g))
 
 
-def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLoader, optimizers, d: Dist,
+def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLoader, optimizers: Optimizers, d: Dist,
                step: int, lr_mul: float) -> Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's mean loss (not reduced)."""
     args = model.args
@@ -876,7 +899,7 @@ def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLo
     if args.grad_clip_norm > 0:
         torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
     warm = min(step / max(args.muon_momentum_warmup_steps, 1), 1.0)
-    optimizers[1].param_groups[0]["momentum"] = (1 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
+    optimizers.muon.param_groups[0]["momentum"] = (1 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
     for opt in optimizers:
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * lr_mul
@@ -884,7 +907,7 @@ def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLo
     return total / d.grad_accum
 
 
-def warmup_and_reset(model: ConvGPT, step_model: nn.Module, optimizers, d: Dist) -> None:
+def warmup_and_reset(model: ConvGPT, step_model: nn.Module, optimizers: Optimizers, d: Dist) -> None:
     """Run WARMUP_STEPS steps (compilation, with QAT on for the second half when QAT starts late), then put
     model and optimizers back to their initial state."""
     args = model.args
@@ -907,7 +930,7 @@ def check_finite(first_bad_step: Tensor) -> None:
         raise FatalError(f"non-finite training loss at step {bad}; stopped, no artifact written")
 
 
-def train(model: ConvGPT, step_model: nn.Module, optimizers, d: Dist, val_tokens: Tensor, luts,
+def train(model: ConvGPT, step_model: nn.Module, optimizers: Optimizers, d: Dist, val_tokens: Tensor, luts,
           log: Callable[[str], None]) -> None:
     """The timed training loop; the model leaves it holding the EMA of its weights, QAT off."""
     args = model.args
@@ -944,7 +967,9 @@ def train(model: ConvGPT, step_model: nn.Module, optimizers, d: Dist, val_tokens
             stop_after = step
     check_finite(first_bad)
     train_ms = train_ms + 1000 * (time.perf_counter() - t0)
-    log(f"stopping_early:{stop_after is not None} step:{step} train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+    peak = f" peak_mem_mib:{torch.cuda.max_memory_allocated(d.device) >> 20}" if d.device.type == "cuda" else ""
+    log(f"stopping_early:{stop_after is not None} step:{step} train_time:{train_ms:.0f}ms "
+        f"step_avg:{train_ms / max(step, 1):.2f}ms{peak}")
     with torch.no_grad():
         for p, e in zip(params, ema):
             p.copy_(e)
@@ -976,6 +1001,8 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
             check_memory_sizes(args.mem_chunk, args.head_dim)
     except ValueError as e:
         raise FatalError(str(e)) from None
+    if triton:
+        check_kernels_on_device(model, d, log)
     set_triton(model, triton)
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
@@ -983,8 +1010,24 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
         f"triton:{triton}")
     if not use_compile:
         return model, model
-    model.forward_logits = torch.compile(model.forward_logits, dynamic=False)
-    return model, torch.compile(model, dynamic=False)
+    model.forward_logits = torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
+    return model, torch.compile(model, dynamic=False, fullgraph=True)
+
+
+def check_kernels_on_device(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> None:
+    """Compile and run every Triton kernel the model uses once, at its shapes and dtype, against its reference,
+    so that a broken GPU setup fails here in one line instead of minutes into training."""
+    a, t0 = model.args, time.perf_counter()
+    tables = next(((m.tap_table.table, m.tap_table.inverse) for m in model.modules() if isinstance(m, ConvMix)), None)
+    memory = (a.num_heads, a.num_kv_heads, a.head_dim, a.mem_chunk) if a.mem_every else None
+    try:
+        self_test_kernels(d.device, torch.bfloat16 if d.device.type == "cuda" else torch.float32, tables, a.model_dim,
+                          memory)
+    except Exception as e:  # noqa: BLE001 - compile errors, launch failures and wrong results alike stop the run
+        detail = " ".join(str(e).split())[:300]
+        raise FatalError(f"the Triton kernels fail on {d.device} ({type(e).__name__}: {detail}); "
+                         f"CONVGPT_TRITON=0 trains on the PyTorch reference path instead") from None
+    log(f"triton_self_test:ok time:{1000 * (time.perf_counter() - t0):.0f}ms")
 
 
 def run(env: Mapping[str, str]) -> None:
@@ -997,7 +1040,7 @@ def run(env: Mapping[str, str]) -> None:
         log(f"hp {key}:{value}")
     name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     log(f"world_size:{d.world_size} grad_accum:{d.grad_accum} device:{d.device} device_name:{name.replace(' ', '_')} "
-        f"torch:{torch.__version__}")
+        f"torch:{torch.__version__} triton:{triton.__version__} cuda:{torch.version.cuda}")
     luts = load_tokenizer_luts(args)
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{val_tokens.numel()}")
@@ -1005,7 +1048,9 @@ def run(env: Mapping[str, str]) -> None:
     if not args.eval_only:
         orthogonalize = torch.compile(zeropower_via_newtonschulz5) if step_model is not model else zeropower_via_newtonschulz5
         optimizers = build_optimizers(model, args, orthogonalize)
+        t0 = time.perf_counter()
         warmup_and_reset(model, step_model, optimizers, d)
+        log(f"warmup_steps:{args.warmup_steps} warmup_time:{1000 * (time.perf_counter() - t0):.0f}ms")
         train(model, step_model, optimizers, d, val_tokens, luts, log)
         loss, bpb, ms = evaluate(model, val_tokens, luts, d)
         log(f"final_ema_prequant val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")

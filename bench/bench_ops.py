@@ -2,6 +2,7 @@
 
 Runbook
   python bench/bench_ops.py                 # on a CUDA GPU: the issue-3 shapes (B*T = 524,288 tokens, d = 512)
+  python bench/bench_ops.py --no-steps      # the op rows only (the preflight's training runs time whole steps)
   python bench/bench_ops.py --small         # anywhere: a small shape (on CPU, add TRITON_INTERPRET=1 to include
                                             # the Triton kernels; interpreter times say nothing about GPU speed)
 
@@ -27,6 +28,7 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import convgpt_ops as ops  # noqa: E402
@@ -62,7 +64,7 @@ def leaf(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> to
 def bench_conv(B: int, T: int, C: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
     table = ops.conv_taps(T, 4, 3).to(device)
     inverse = ops.conv_taps_inverse(table)
-    u, w = leaf((B, T, C), device, dtype), leaf((C, table.shape[1]), device, torch.float32)
+    u, w = leaf((B, T, C), device, dtype), leaf((C, table.shape[1]), device, dtype)
     ref = torch.compile(ops.causal_gather_conv_ref) if device.type == "cuda" else ops.causal_gather_conv_ref
     rows = {"conv ref": timed(fwd_bwd(ref, u, table, w), device, repeats)}
     if ops.triton_enabled(device):
@@ -110,13 +112,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="a small shape that runs anywhere")
     parser.add_argument("--topk", type=int, default=4)
+    parser.add_argument("--no-steps", action="store_true", help="leave out the two full training-step rows")
     cli = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     small = cli.small or device.type != "cuda"
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
     triton_note = "triton on" if ops.triton_enabled(device) else "triton off (set CONVGPT_TRITON=1 TRITON_INTERPRET=1 on CPU)"
-    print(f"device:{name.replace(' ', '_')} dtype:{dtype} torch:{torch.__version__} {triton_note}")
+    print(f"device:{name.replace(' ', '_')} dtype:{dtype} torch:{torch.__version__} triton:{triton.__version__} {triton_note}")
     if device.type == "cuda":
         big = torch.empty(1 << 30, dtype=torch.uint8, device=device)
         ms = timed(lambda: big.clone(), device, 10)
@@ -130,8 +133,9 @@ def main() -> None:
     for T in seq_lens:
         rows = bench_conv(tokens // T, T, C, device, dtype, repeats)
         rows |= bench_memory(tokens // T, T, heads, device, dtype, cli.topk, repeats)
-        rows["step default"] = bench_step(step_env, tokens, T, device, repeats)
-        rows["step dense"] = bench_step({**step_env, **dense_env}, tokens, T, device, repeats)
+        if not cli.no_steps:
+            rows["step default"] = bench_step(step_env, tokens, T, device, repeats)
+            rows["step dense"] = bench_step({**step_env, **dense_env}, tokens, T, device, repeats)
         for row, value in rows.items():
             print(f"{T:>6} {row:<22} {value:>10.2f}")
 

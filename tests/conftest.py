@@ -65,3 +65,8 @@ def log_values(text: str, prefix: str) -> dict[str, str]:
 
 def train_losses(text: str) -> list[float]:
     return [float(v) for v in re.findall(r"^step:\d+/\d+ train_loss:(\S+)", text, re.M)]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: end-to-end runs, long interpreter runs and compiles; the everyday tier "
+                                       "is `pytest -m 'not slow'`, the full suite (README, CI) runs them too")

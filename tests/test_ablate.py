@@ -19,6 +19,7 @@ def harness_args(smoke_data, tmp_path, configs: str, *extra: str) -> list[str]:
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results.md")]
 
 
+@pytest.mark.slow
 def test_two_configs_two_seeds_make_a_table(smoke_data, tmp_path):
     assert ablate.main(harness_args(smoke_data, tmp_path, "default,conv1d_only")) == 0
     text = (tmp_path / "results.md").read_text()
@@ -52,6 +53,7 @@ def test_relative_paths_resolve_before_runs_change_directory(tmp_path, monkeypat
     assert (cli.data, cli.tokenizer, cli.work) == (str(tmp_path / "d"), str(tmp_path / "t.model"), tmp_path / "w")
 
 
+@pytest.mark.slow
 def test_step_budget_parallel_jobs_and_ttt_headline(smoke_data, tmp_path):
     args = harness_args(smoke_data, tmp_path, "default,ttt", "--steps", "3", "--jobs", "2", "--env=TTT_CHUNK_TOKENS=4096")
     assert ablate.main(args) == 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -43,11 +45,19 @@ def token_batch(seed: int = 1) -> torch.Tensor:
     return ids
 
 
+INTERPRETED = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels run on these CPU "
+                                 "models only in the interpreter; tests/test_gpu_rules.py runs them on a GPU")
+
+
+def kernel_cases(*cases: tuple) -> list:
+    return [pytest.param(*case, marks=[INTERPRETED, pytest.mark.slow]) for case in cases]
+
+
 # (config, qat, triton): every config on the PyTorch reference, and the Triton kernels (interpreted on CPU) on
 # the configurations that exercise them
-CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + [
+CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + kernel_cases(
     ("default", True, True), ("rope_all_untied_relu2", False, True), ("conv1d_only", False, True),
-    ("no_bigram_dilated", False, True)]
+    ("no_bigram_dilated", False, True))
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -66,7 +76,8 @@ def test_future_tokens_never_change_earlier_logits(name, qat, triton):
             assert not torch.equal(out[:, t + 1:], full[:, t + 1:])
 
 
-@pytest.mark.parametrize("name,triton", [(name, False) for name in CONFIGS] + [("default", True), ("no_smear_topk0", True)])
+@pytest.mark.parametrize("name,triton", [(name, False) for name in CONFIGS] + kernel_cases(("default", True),
+                                                                                          ("no_smear_topk0", True)))
 def test_gradient_to_later_inputs_is_exactly_zero(name, triton):
     model = random_model(CONFIGS[name])
     tg.set_triton(model, triton)
@@ -89,6 +100,8 @@ def test_prefix_logits_equal_prefix_of_full_logits(name):
             torch.testing.assert_close(model.forward_logits(ids[:, :t]), full[:, :t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+@INTERPRETED
 @pytest.mark.parametrize("name", ["default", "rope_all_untied_relu2"])
 def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
     """CONVGPT_TRITON=1 against 0 on the whole model: the kernels (interpreted on CPU) against the reference."""
@@ -149,6 +162,7 @@ def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
     assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["bigram.scale"] == "fp16"
 
 
+@pytest.mark.slow
 def test_default_config_fits_the_cap_even_with_incompressible_weights(capsys):
     """Every int6 tensor (block matrices, BigramHash) Gaussian: the worst case for int6 + zstd; trained weights
     compress better."""

@@ -94,6 +94,7 @@ def test_fake_quant_bf16():
 NO_CXX = not (shutil.which("g++") or shutil.which("c++"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(NO_CXX, reason="torch.compile on CPU needs a C++ compiler")
 def test_fake_quant_under_torch_compile():
     compiled = torch.compile(Q.fake_quant_int6, fullgraph=True)

@@ -149,6 +149,7 @@ def test_record_folder_layout_and_numbers(record: Path, runs: dict[str, Path]) -
     assert "for SEED in 7 8; do" in readme and "python train_gpt.py" in readme and "NUM_LAYERS=2" in readme
 
 
+@pytest.mark.slow
 def test_record_runs_from_inside_itself(record: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([sys.executable, "-B", "-c", "import train_gpt, convgpt_ops, quantize; print(train_gpt.__file__)"],
@@ -215,6 +216,7 @@ def test_checker_passes_and_tests_the_claim(record: Path, runs: dict[str, Path])
     assert "the record claim holds" in proc.stdout.splitlines()[-1]
 
 
+@pytest.mark.slow
 def test_checker_rejects_a_claim_that_does_not_improve(record: Path, runs: dict[str, Path],
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     scores = [runlog.read_log(runs[f"log{s}"]).score for s in SEEDS]
@@ -226,6 +228,7 @@ def test_checker_rejects_a_claim_that_does_not_improve(record: Path, runs: dict[
     assert rc == 0 and "ok: record claim: accepted" in out
 
 
+@pytest.mark.slow
 def test_checker_fails_oversize(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = copy_record(record, tmp_path)
     log = folder / "train_seed7.log"
@@ -245,6 +248,7 @@ def test_checker_fails_oversize(record: Path, tmp_path: Path, capsys: pytest.Cap
     assert out.splitlines()[-1].startswith("verdict: FAIL: 1 check(s) failed (size)")
 
 
+@pytest.mark.slow
 def test_checker_fails_mismatched_number(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = copy_record(record, tmp_path)
     true_bpb = json.loads((folder / "submission.json").read_text())["val_bpb"]
@@ -254,6 +258,7 @@ def test_checker_fails_mismatched_number(record: Path, tmp_path: Path, capsys: p
     assert fail_lines(out) == [f"fail: submission: val_bpb is {round(true_bpb - 0.01, 8)!r} but the logs give {true_bpb!r}"]
 
 
+@pytest.mark.slow
 def test_checker_fails_missing_log(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = copy_record(record, tmp_path)
     (folder / "train_seed8.log").unlink()
@@ -265,6 +270,7 @@ def test_checker_fails_missing_log(record: Path, tmp_path: Path, capsys: pytest.
     assert rc == 1 and fail_lines(out)[0] == "fail: files: missing a train log (*.log)"
 
 
+@pytest.mark.slow
 def test_checker_fails_train_time_over_600s(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     for track_dir, track in ((TRACK_DIR, "10min_16mb"), ("track_non_record_16mb", "non_record_16mb")):
         folder = copy_record(record, tmp_path, track_dir)
@@ -288,6 +294,7 @@ def test_checker_fails_train_time_over_600s(record: Path, tmp_path: Path, capsys
             assert rc == 0 and "ok: train time: not limited on this track" in out, out
 
 
+@pytest.mark.slow
 def test_checker_fails_code_edited_after_the_run(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     folder = copy_record(record, tmp_path)
     with (folder / "convgpt_ops.py").open("a") as f:
@@ -298,6 +305,7 @@ def test_checker_fails_code_edited_after_the_run(record: Path, tmp_path: Path, c
     assert line.startswith("fail: code bytes: the code files here are") and "code was edited after the run" in line
 
 
+@pytest.mark.slow
 def test_checker_fails_a_single_seed_record_claim(runs: dict[str, Path], tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     folder = make_record.package([runs["log7"]], name=NAME, track="10min_16mb", code_dir=runs["code"],
@@ -344,6 +352,7 @@ def test_p_value_matches_scipy() -> None:
 
 # ----------------------------------------------------------------------------- plot
 
+@pytest.mark.slow
 def test_plot_from_real_logs(runs: dict[str, Path], tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     one, two = tmp_path / "one.png", tmp_path / "two.png"

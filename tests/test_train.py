@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import pytest
 import train_gpt as tg
 from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, SP1024, log_values, run_trainer, train_losses, trainer_env
 
+SLOW = pytest.mark.slow  # cases the everyday tier (-m "not slow") leaves to the full suite
 FINAL_PREFIXES = ("final_ema_prequant", "artifact", "final_int6_zstd_roundtrip ", "final_int6_zstd_roundtrip_exact",
                   "final_sliding_window ", "final_sliding_window_exact")
 
@@ -48,6 +51,7 @@ def test_run_prints_final_lines_and_writes_the_artifact(reference_run):
     assert len(losses) == 6 and losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 def test_same_seed_same_losses_other_seed_differs(reference_run, smoke_data, tmp_path):
     _, stdout = reference_run
     again = run_trainer(trainer_env(smoke_data, tmp_path), tmp_path)
@@ -73,6 +77,7 @@ def test_eval_only_reproduces_the_roundtrip_score(reference_run, smoke_data, tmp
         assert again == first
 
 
+@pytest.mark.slow
 def test_two_process_gloo_matches_one_process_with_accumulation(reference_run, smoke_data, tmp_path):
     _, stdout = reference_run
     out = run_trainer(trainer_env(smoke_data, tmp_path), tmp_path, nproc=2)
@@ -83,6 +88,7 @@ def test_two_process_gloo_matches_one_process_with_accumulation(reference_run, s
     assert two == pytest.approx(float(log_values(stdout, "final_sliding_window")["val_bpb"]), abs=2e-4)
 
 
+@pytest.mark.slow
 def test_ttt_adds_a_headline_after_the_unchanged_sliding_score_and_matches_across_ranks(reference_run, smoke_data, tmp_path):
     _, stdout = reference_run
     env = trainer_env(smoke_data, tmp_path, TTT_EPOCHS="2", TTT_CHUNK_TOKENS="2048", TTT_LR="0.01")
@@ -119,18 +125,25 @@ def big_token(path: Path) -> None:
 
 @pytest.mark.parametrize("case,env,damage,needle", [
     ("missing_data", {"DATA_PATH": "/nonexistent/data"}, None, "no shards match /nonexistent/data/fineweb_val_*.bin"),
-    ("bad_magic", {}, ("fineweb_train_000000.bin", corrupt_header), "not a challenge shard"),
-    ("truncated_shard", {}, ("fineweb_val_000000.bin", truncate), "truncated or corrupt"),
-    ("token_out_of_range", {}, ("fineweb_train_000000.bin", big_token), "token id 2000 >= VOCAB_SIZE=1024"),
-    ("vocab_mismatch", {"VOCAB_SIZE": "2048"}, None, "tokenizer has 1024 pieces but VOCAB_SIZE=2048"),
-    ("missing_tokenizer", {"TOKENIZER_PATH": "/nonexistent/tok.model"}, None, "TOKENIZER_PATH=/nonexistent/tok.model does not exist"),
+    pytest.param("bad_magic", {}, ("fineweb_train_000000.bin", corrupt_header), "not a challenge shard", marks=SLOW),
+    pytest.param("truncated_shard", {}, ("fineweb_val_000000.bin", truncate), "truncated or corrupt", marks=SLOW),
+    pytest.param("token_out_of_range", {}, ("fineweb_train_000000.bin", big_token), "token id 2000 >= VOCAB_SIZE=1024",
+                 marks=SLOW),
+    pytest.param("vocab_mismatch", {"VOCAB_SIZE": "2048"}, None,
+                 "tokenizer has 1024 pieces but VOCAB_SIZE=2048", marks=SLOW),
+    pytest.param("missing_tokenizer", {"TOKENIZER_PATH": "/nonexistent/tok.model"}, None,
+                 "TOKENIZER_PATH=/nonexistent/tok.model does not exist", marks=SLOW),
     ("unparsable_env", {"NUM_LAYERS": "two"}, None, "NUM_LAYERS='two' is not a valid int"),
     ("world_size", {"WORLD_SIZE": "3"}, None, "WORLD_SIZE=3 must divide 8"),
-    ("beyond_hilbert_grid", {"TRAIN_SEQ_LEN": "131072"}, None, "Hilbert grid"),
-    ("non_finite_loss", {"MATRIX_LR": "1e30", "SCALAR_LR": "1e30", "TIED_EMBED_LR": "1e30"}, None, "non-finite training loss at step "),
-    ("bad_triton_switch", {"CONVGPT_TRITON": "2"}, None, "CONVGPT_TRITON='2' must be 0 or 1"),
-    ("triton_on_cpu", {"CONVGPT_TRITON": "1", "TRITON_INTERPRET": "0"}, None, "needs TRITON_INTERPRET=1"),
-    ("triton_chunk_size", {"CONVGPT_TRITON": "1", "MEM_CHUNK": "24"}, None, "chunk 24 must be a power of two >= 16"),
+    pytest.param("beyond_hilbert_grid", {"TRAIN_SEQ_LEN": "131072"}, None, "Hilbert grid", marks=SLOW),
+    pytest.param("non_finite_loss", {"MATRIX_LR": "1e30", "SCALAR_LR": "1e30", "TIED_EMBED_LR": "1e30"}, None,
+                 "non-finite training loss at step ", marks=SLOW),
+    pytest.param("bad_triton_switch", {"CONVGPT_TRITON": "2"}, None, "CONVGPT_TRITON='2' must be 0 or 1", marks=SLOW),
+    pytest.param("triton_on_cpu", {"CONVGPT_TRITON": "1", "TRITON_INTERPRET": "0"}, None,
+                 "needs TRITON_INTERPRET=1", marks=SLOW),
+    ("triton_chunk_size", {"CONVGPT_TRITON": "1", "MEM_CHUNK": "24"}, None, "chunk 24 must be a power of two in 16..256"),
+    ("triton_tile_too_big", {"CONVGPT_TRITON": "1", "MEM_CHUNK": "256", "MODEL_DIM": "128", "TRAIN_SEQ_LEN": "512",
+                             "TRAIN_BATCH_TOKENS": "4096"}, None, "chunk 256 x head dim 128 needs more than the 227 KB"),
 ])
 def test_bad_input_is_one_line_exit_2_and_keeps_the_artifact(case, env, damage, needle, smoke_data, tmp_path):
     if damage:
@@ -148,9 +161,9 @@ def test_bad_input_is_one_line_exit_2_and_keeps_the_artifact(case, env, damage, 
 
 @pytest.mark.parametrize("case,blob,env,needle", [
     ("truncated", lambda good: good[:-10], {}, "truncated or corrupt"),
-    ("foreign", lambda good: b"PK\x03\x04" + good[4:], {}, "ARTIFACT_PATH="),
-    ("other_settings", lambda good: good, {"NUM_LAYERS": "3"}, "does not match the model settings"),
-    ("missing", None, {}, "does not exist"),
+    pytest.param("foreign", lambda good: b"PK\x03\x04" + good[4:], {}, "ARTIFACT_PATH=", marks=SLOW),
+    pytest.param("other_settings", lambda good: good, {"NUM_LAYERS": "3"}, "does not match the model settings", marks=SLOW),
+    pytest.param("missing", None, {}, "does not exist", marks=SLOW),
 ])
 def test_bad_artifact_in_eval_only(case, blob, env, needle, reference_run, smoke_data, tmp_path):
     artifact = tmp_path / "model.ptz"
@@ -161,6 +174,24 @@ def test_bad_artifact_in_eval_only(case, blob, env, needle, reference_run, smoke
     assert "Traceback" not in out.stderr
 
 
+def test_broken_kernels_stop_the_run_in_one_line_before_training(smoke_data, tmp_path):
+    """A kernel that fails on the device (here the memory launcher raises, as a Triton compile error would) stops
+    the run at startup in one error line that names CONVGPT_TRITON=0, before any training step."""
+    boot = ("import runpy, sys, convgpt_ops\n"
+            "def broken(*args): raise RuntimeError('PTX codegen failed (simulated)')\n"
+            "convgpt_ops.launch_memory_forward = broken\n"
+            f"runpy.run_path({str(ROOT / 'train_gpt.py')!r}, run_name='__main__')\n")
+    artifact = tmp_path / "model.ptz"
+    artifact.write_bytes(b"a good artifact from an earlier run")
+    env = trainer_env(smoke_data, tmp_path, CONVGPT_TRITON="1", PYTHONPATH=str(ROOT))
+    out = subprocess.run([sys.executable, "-c", boot], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()] and out.stderr.startswith("error: the Triton kernels fail")
+    assert "PTX codegen failed (simulated)" in out.stderr and "CONVGPT_TRITON=0 trains on the PyTorch reference" in out.stderr
+    assert "step:" not in out.stdout and artifact.read_bytes() == b"a good artifact from an earlier run"
+
+
+@pytest.mark.slow
 def test_oversize_artifact_is_refused_and_not_written(smoke_data, tmp_path):
     env = dict(NUM_LAYERS="12", MODEL_DIM="512", NUM_HEADS="8", NUM_KV_HEADS="4", MLP_MULT="3", ITERATIONS="1",
                WARMUP_STEPS="0", TRAIN_BATCH_TOKENS="512", MEM_EVERY="2")
@@ -181,6 +212,7 @@ def unigram_bpb(train: np.ndarray, val: np.ndarray, luts) -> float:
     return float(-logp[val[1:]].sum() / n_bytes.sum())
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FINEWEB_SAMPLE.is_dir() or not SP1024.is_file(), reason=NO_SHARED)
 def test_real_fineweb_run_beats_unigram(tmp_path):
     import sentencepiece as spm
@@ -203,6 +235,7 @@ def test_real_fineweb_run_beats_unigram(tmp_path):
     assert bpb < baseline - 0.1
 
 
+@pytest.mark.slow
 def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp_path):
     """COMPILE=1 on CPU (inductor): the GPU path's graphs, QAT switching on mid-run after a warm-up that
     compiled both variants, BigramHash and TTT through the compiled forward. Numerics differ
@@ -219,6 +252,7 @@ def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp
     assert compiled_ttt == pytest.approx(eager_ttt, abs=5e-3)
 
 
+@pytest.mark.slow
 def test_triton_kernels_through_the_trainer_match_the_reference(reference_run, smoke_data, tmp_path):
     """CONVGPT_TRITON=1: training, export and both evaluations on the kernels (interpreted on CPU)."""
     _, stdout = reference_run

@@ -12,10 +12,11 @@ The log is a sequence of `key:value` lines written by rank 0 (see README.md, "Ou
   warning: ...
   world_size:W grad_accum:G device:D device_name:N torch:V
   val_tokens:T
-  model_params:P block_matrix_params:B compile:C
+  model_params:P block_matrix_params:B compile:C triton:K
+  warmup_steps:N warmup_time:Xms         compile warm-up, not train time
   step:S/I train_loss:L train_time:Xms step_avg:Yms tok_s:Z
   step:S/I val_loss:L val_bpb:B train_time:Xms
-  stopping_early:E step:S train_time:Xms step_avg:Yms
+  stopping_early:E step:S train_time:Xms step_avg:Yms [peak_mem_mib:M on CUDA]
   final_ema_prequant val_loss:L val_bpb:B eval_time:Xms
   artifact bytes_model:M bytes_code:C bytes_total:T limit:16000000
   final_int6_zstd_roundtrip val_loss:L val_bpb:B eval_time:Xms
@@ -60,6 +61,7 @@ class Stop:
     steps: int
     train_time_ms: float
     step_avg_ms: float
+    peak_mem_mib: int | None = None  # CUDA only
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,7 @@ class RunLog:
     torch_version: str | None = None
     val_tokens: int | None = None
     model_params: int | None = None
+    warmup_ms: float | None = None
     train: list[TrainPoint] = field(default_factory=list)
     val: list[ValPoint] = field(default_factory=list)
     stop: Stop | None = None
@@ -192,13 +195,16 @@ def parse_log(text: str, source: str = "<text>", *, require_finished: bool = Tru
                 run.val_tokens = int(kv["val_tokens"])
             elif first.startswith("model_params:"):
                 run.model_params = int(kv["model_params"])
+            elif first.startswith("warmup_steps:"):
+                run.warmup_ms = _ms(kv["warmup_time"])
             elif first.startswith("step:") and "train_loss" in kv:
                 run.train.append(TrainPoint(int(kv["step"].split("/")[0]), float(kv["train_loss"]), _ms(kv["train_time"])))
             elif first.startswith("step:") and "val_bpb" in kv:
                 run.val.append(ValPoint(int(kv["step"].split("/")[0]), float(kv["val_loss"]), float(kv["val_bpb"]),
                                         _ms(kv["train_time"])))
             elif first.startswith("stopping_early:"):
-                run.stop = Stop(kv["stopping_early"] == "True", int(kv["step"]), _ms(kv["train_time"]), _ms(kv["step_avg"]))
+                peak = int(kv["peak_mem_mib"]) if "peak_mem_mib" in kv else None
+                run.stop = Stop(kv["stopping_early"] == "True", int(kv["step"]), _ms(kv["train_time"]), _ms(kv["step_avg"]), peak)
             elif tags and tags[0] == "artifact":
                 run.artifact = ArtifactBytes(int(kv["bytes_model"]), int(kv["bytes_code"]), int(kv["bytes_total"]),
                                              int(kv["limit"]))

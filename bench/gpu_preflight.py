@@ -1,0 +1,270 @@
+"""GPU preflight: one command, at most about 8 minutes on one GPU, that says whether this trainer works on this
+machine and how fast it is, before anyone pays for an 8xH100 hour. Writes one markdown report.
+
+Runbook
+  python bench/gpu_preflight.py                        # on one CUDA GPU; report in bench/results/gpu_preflight_<date>.md
+  python bench/gpu_preflight.py --out $OUT/preflight.md --data DIR --tokenizer PATH
+  python bench/gpu_preflight.py --dry-run              # anywhere (CPU too): tiny shapes, seconds-long runs; it
+                                                       # checks the harness, not the GPU
+Data: --data / --tokenizer, else data/datasets/fineweb10B_sp1024 with data/tokenizers/fineweb_1024_bpe.model when
+present, else the FineWeb sample in ../shared/data. Validation is the first --val-tokens tokens of the val shard, so
+the three evaluations of each run stay short; val_bpb is comparable only between runs of the same report.
+
+Stages, in this order; each runs in its own subprocess under a time limit, and a failure does not stop the next:
+  env          GPU, driver, CUDA, torch, triton, python; the packages the trainer imports
+  parity       pytest of the kernels and the kernel model path on the device: tests/test_kernels_conv.py,
+               test_kernels_memory.py, test_ops.py, test_gpu_rules.py (compiled kernels against references,
+               bf16 autocast, the trainer's fullgraph compile)
+  train:<cfg>  train_gpt.py for --train-seconds at the golf shapes (d 512, 9 layers, seq 1024, 524,288 tokens per
+               step by accumulation): default, dense (MEM_EVERY=1, all chunks: attention at equal parameters) and
+               conv1d_only; ms/step, tokens/s, peak memory, compile (warm-up) time, val_bpb, artifact bytes
+  bench        bench/bench_ops.py --no-steps: the kernels against their references and dense SDPA
+  aot          bench/kernel_resources.py: registers, spills, shared memory of each kernel for sm_90
+--budget caps the whole run: a stage that cannot finish in what is left is skipped, and says so. The report is
+rewritten after every stage, so a run cut short still leaves one. It ends with a ranked list of what failed.
+Exit code: 0 if nothing failed, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from bench.ablate import CONFIGS  # noqa: E402
+from tools.runlog import RunLog, parse_log  # noqa: E402
+
+TRAIN_CONFIGS = ("default", "dense", "conv1d_only")
+PARITY_TESTS = ("tests/test_kernels_conv.py", "tests/test_kernels_memory.py", "tests/test_ops.py", "tests/test_gpu_rules.py")
+PACKAGES = ("numpy", "sentencepiece", "zstandard", "triton")
+SEVERITY = ("env", "parity", "train:default", "train:dense", "train:conv1d_only", "bench", "aot")  # most serious first
+TRAIN_EXTRA_SECONDS = 240  # compile warm-up, three evaluations, export: allowed on top of --train-seconds
+DRY_ENV = dict(NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="1", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="128",
+               TRAIN_BATCH_TOKENS="2048", MEM_CHUNK="16", MEM_TOPK="1", BIGRAM_BUCKETS="64", BIGRAM_DIM="16",
+               VAL_BATCH_SIZE="16384", EVAL_STRIDE="64")
+DRY_TESTS = "opcheck or self_test or rejects or emulation"  # the quick parity tests (-k) a dry run takes
+
+
+@dataclass
+class Stage:
+    name: str
+    status: str = "not run"  # ok, FAILED, skipped
+    seconds: float = 0.0
+    note: str = ""
+    output: str = ""
+    run: RunLog | None = None
+    facts: dict[str, str] = field(default_factory=dict)
+
+
+def first_error(stdout: str, stderr: str, returncode: int) -> str:
+    """The line that says why a subprocess failed: an `error:` line, else the last traceback or pytest line."""
+    lines = [line.strip() for line in (stderr + "\n" + stdout).splitlines() if line.strip()]
+    for pattern in (r"^error: ", r"^(FAILED|ERROR) ", r"^\w+(Error|Exception)\b"):
+        hits = [line for line in lines if re.search(pattern, line)]
+        if hits:
+            return hits[-1][:400]
+    return lines[-1][:400] if lines else f"exit code {returncode}"
+
+
+def run_stage(stage: Stage, command: list[str], env: dict[str, str], timeout: float, cwd: Path = ROOT) -> bool:
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        stage.status, stage.note = "FAILED", f"timed out after {timeout:.0f} s"
+        stage.output = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        stage.seconds = time.perf_counter() - t0
+        return False
+    stage.seconds, stage.output = time.perf_counter() - t0, out.stdout
+    ok = out.returncode == 0
+    stage.status = "ok" if ok else "FAILED"
+    if not ok:
+        stage.note = first_error(out.stdout, out.stderr, out.returncode)
+    return ok
+
+
+def environment(stage: Stage, dry_run: bool) -> None:
+    import torch
+
+    facts = {"python": platform.python_version(), "torch": torch.__version__, "cuda (torch)": str(torch.version.cuda),
+             "cpu cores": str(os.cpu_count())}
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        facts |= {"gpu": f"{torch.cuda.device_count()} x {props.name}", "gpu memory": f"{props.total_memory >> 30} GiB",
+                  "compute capability": f"{props.major}.{props.minor}", "multiprocessors": str(props.multi_processor_count)}
+        try:
+            facts["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                             capture_output=True, text=True, timeout=30).stdout.split("\n")[0]
+        except (OSError, subprocess.TimeoutExpired):
+            facts["driver"] = "unknown (no nvidia-smi)"
+    missing = []
+    for name in PACKAGES:
+        try:
+            facts[name] = getattr(importlib.import_module(name), "__version__", "present")
+        except ImportError:
+            missing.append(name)
+    stage.facts = facts
+    problems = [f"missing packages: {', '.join(missing)} (pip install -r requirements.txt)"] if missing else []
+    if not torch.cuda.is_available() and not dry_run:
+        problems.append("no CUDA device (torch.cuda.is_available() is False); --dry-run checks the harness on CPU")
+    stage.status, stage.note = ("FAILED", "; ".join(problems)) if problems else ("ok", "")
+
+
+def prepare_data(data: Path, val_tokens: int, work: Path) -> Path:
+    """A data folder with the train shards linked and the first val_tokens tokens of the val split as its val shard."""
+    import numpy as np
+
+    from data.common import read_shard, write_shard
+
+    train = sorted(data.glob("fineweb_train_*.bin"))
+    vals = sorted(data.glob("fineweb_val_*.bin"))
+    if not train or not vals:
+        raise SystemExit(f"error: no fineweb_train_*.bin / fineweb_val_*.bin shards in {data}")
+    out = work / "data"
+    out.mkdir(parents=True, exist_ok=True)
+    for path in train:
+        (out / path.name).unlink(missing_ok=True)
+        (out / path.name).symlink_to(path.resolve())
+    write_shard(out / "fineweb_val_000000.bin", np.concatenate([read_shard(p) for p in vals])[:val_tokens])
+    return out
+
+
+def train_env(cli: argparse.Namespace, config: str, data: Path, work: Path) -> dict[str, str]:
+    env = {**os.environ, **CONFIGS[config], "DATA_PATH": str(data), "TOKENIZER_PATH": str(cli.tokenizer),
+           "RUN_ID": f"preflight_{config}", "ARTIFACT_PATH": str(work / f"{config}.ptz"), "VAL_LOSS_EVERY": "0",
+           "MAX_WALLCLOCK_SECONDS": str(cli.train_seconds), "WARMUP_STEPS": "3", "TRAIN_LOG_EVERY": "10",
+           "PYTHONUNBUFFERED": "1"}
+    return env | (DRY_ENV | {"WARMUP_STEPS": "1"} if cli.dry_run else {})
+
+
+def train_facts(run: RunLog) -> dict[str, str]:
+    stop, tokens = run.stopped, int(run.hp["train_batch_tokens"])
+    return {"tokens/step": f"{tokens:,}", "ms/step": f"{stop.step_avg_ms:.1f}", "tokens/s": f"{tokens / stop.step_avg_ms * 1000:,.0f}",
+            "steps": str(stop.steps), "peak MiB": str(stop.peak_mem_mib) if stop.peak_mem_mib is not None else "-",
+            "compile s": f"{run.warmup_ms / 1000:.1f}" if run.warmup_ms is not None else "-",
+            "prequant bpb": f"{run.prequant.val_bpb:.4f}" if run.prequant else "-",
+            "sliding bpb": f"{run.sliding.val_bpb:.4f}", "sliding eval s": f"{(run.sliding.eval_time_ms or 0) / 1000:.1f}",
+            "artifact bytes": f"{run.sizes.total:,}", "params": f"{run.model_params:,}"}
+
+
+def rank_failures(stages: list[Stage]) -> list[str]:
+    """Failed stages, most serious first (SEVERITY order): one line each, with the reason."""
+    failed = [s for s in stages if s.status == "FAILED"]
+    failed.sort(key=lambda s: SEVERITY.index(s.name) if s.name in SEVERITY else len(SEVERITY))
+    return [f"**{s.name}**: {s.note}" for s in failed]
+
+
+def render(stages: list[Stage], cli: argparse.Namespace, command: str, started: str) -> str:
+    env = next((s for s in stages if s.name == "env"), Stage("env"))
+    gpu = env.facts.get("gpu", "no GPU")
+    failures = rank_failures(stages)
+    lines = [f"# GPU preflight{' (dry run)' if cli.dry_run else ''}: {gpu}", "",
+             f"- date: {started}; command: `{command}`",
+             f"- data: {cli.data} (val: first {cli.val_tokens:,} tokens), tokenizer: {cli.tokenizer}",
+             f"- training: {cli.train_seconds:g} s per configuration, one process; budget {cli.budget:g} s", "",
+             "## What failed, most serious first", ""]
+    lines += [f"{i}. {f}" for i, f in enumerate(failures, 1)] or ["Nothing failed."]
+    skipped = [f"{s.name} ({s.note})" for s in stages if s.status == "skipped"]
+    lines += ["", *([f"Skipped: {', '.join(skipped)}.", ""] if skipped else []), "## Environment", "",
+              "| item | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in env.facts.items()], "",
+              "## Stages", "", "| stage | status | seconds | note |", "|---|---|---|---|",
+              *[f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.note.replace('|', '/')} |" for s in stages], ""]
+    runs = [s for s in stages if s.name.startswith("train:") and s.facts]
+    if runs:
+        keys = list(runs[0].facts)
+        lines += ["## Training runs", "", "| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
+                  *[f"| {s.name[6:]} | " + " | ".join(s.facts[k] for k in keys) + " |" for s in runs], "",
+                  "ms/step is one optimizer step of the whole batch on this one device (8 micro-batches by "
+                  "accumulation); on 8 GPUs each runs one micro-batch, so a step takes about ms/step / 8 plus the "
+                  "gradient all-reduce. compile s is the warm-up (compiles), excluded from training time.", ""]
+    for name, title in (("parity", "Parity tests on the device"), ("bench", "Kernel benchmark (bench/bench_ops.py)"),
+                        ("aot", "Kernel resources for sm_90 (bench/kernel_resources.py)")):
+        stage = next((s for s in stages if s.name == name), None)
+        if stage and stage.output:
+            tail = stage.output.strip().splitlines()[-60:]
+            lines += [f"## {title}", "", "```text", *tail, "```", ""]
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    shared = ROOT.parent / "shared" / "data"
+    local = ROOT / "data" / "datasets" / "fineweb10B_sp1024"
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="tiny shapes and seconds-long runs (CPU is fine)")
+    parser.add_argument("--data", type=Path, default=local if local.is_dir() else shared / "datasets" / "fineweb_sample_sp1024")
+    parser.add_argument("--tokenizer", type=Path, default=(ROOT / "data" / "tokenizers" / "fineweb_1024_bpe.model")
+                        if local.is_dir() else shared / "tokenizers" / "fineweb_1024_bpe.model")
+    parser.add_argument("--train-seconds", type=float, default=None, help="per configuration (default 60; dry run 5)")
+    parser.add_argument("--val-tokens", type=int, default=262_144)
+    parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole preflight")
+    parser.add_argument("--skip", default="", help="comma-separated stages to leave out (env, parity, train, bench, aot)")
+    parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/gpu_preflight_<date>.md)")
+    cli = parser.parse_args(argv)
+    cli.train_seconds = cli.train_seconds or (5.0 if cli.dry_run else 60.0)
+    if cli.train_seconds <= 0 or cli.val_tokens < 4096 or cli.budget <= 0:
+        parser.error("--train-seconds and --budget must be positive, --val-tokens at least 4096")
+    unknown = set(filter(None, cli.skip.split(","))) - {"env", "parity", "train", "bench", "aot"}
+    if unknown:
+        parser.error(f"unknown stage(s) in --skip: {', '.join(sorted(unknown))}")
+    if not cli.tokenizer.is_file() or not cli.data.is_dir():
+        parser.error(f"no data at {cli.data} or no tokenizer at {cli.tokenizer}; pass --data and --tokenizer")
+    cli.data, cli.tokenizer = cli.data.resolve(), cli.tokenizer.resolve()
+    cli.out = cli.out or ROOT / "bench" / "results" / f"gpu_preflight_{datetime.date.today().isoformat()}.md"
+    return cli
+
+
+def main(argv: list[str] | None = None) -> int:
+    cli = parse_args(argv)
+    command = "python bench/gpu_preflight.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    started, deadline = datetime.datetime.now().isoformat(timespec="seconds"), time.perf_counter() + cli.budget
+    skip = set(cli.skip.split(","))
+    work = Path(tempfile.mkdtemp(prefix="preflight_"))
+    data = prepare_data(cli.data, cli.val_tokens, work)
+    base_env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    tests = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *PARITY_TESTS]
+    plan: list[tuple[str, float, object]] = [("env", 0, None), ("parity", 240, tests + (["-k", DRY_TESTS] if cli.dry_run else []))]
+    plan += [(f"train:{c}", cli.train_seconds + TRAIN_EXTRA_SECONDS, c) for c in TRAIN_CONFIGS]
+    plan += [("bench", 180, [sys.executable, "bench/bench_ops.py", "--no-steps", *(["--small"] if cli.dry_run else [])]),
+             ("aot", 240, [sys.executable, "bench/kernel_resources.py"])]
+    stages: list[Stage] = []
+    for i, (name, limit, what) in enumerate(plan, 1):
+        stage = Stage(name)
+        stages.append(stage)
+        left = deadline - time.perf_counter()
+        needed = cli.train_seconds + 30 if name.startswith("train:") else 10
+        if name.split(":")[0] in skip:
+            stage.status, stage.note = "skipped", "--skip"
+        elif left < needed:
+            stage.status, stage.note = "skipped", f"{left:.0f} s of the budget left, needs at least {needed:.0f} s"
+        elif name == "env":
+            environment(stage, cli.dry_run)
+        elif name.startswith("train:"):
+            if run_stage(stage, [sys.executable, str(ROOT / "train_gpt.py")], train_env(cli, what, data, work),
+                         min(limit, left), cwd=work):
+                stage.run = parse_log(stage.output, name)
+                stage.facts = train_facts(stage.run)
+            stage.output = ""
+        else:
+            env = {k: v for k, v in base_env.items() if k != "TRITON_INTERPRET"} if name == "aot" else base_env
+            run_stage(stage, what, env, min(limit, left))
+        print(f"preflight [{i}/{len(plan)}] {name}: {stage.status} ({stage.seconds:.0f} s) {stage.note}", flush=True)
+        cli.out.parent.mkdir(parents=True, exist_ok=True)
+        cli.out.write_text(render(stages, cli, command, started))
+    print(f"preflight report: {cli.out}")
+    return 1 if rank_failures(stages) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
