@@ -27,7 +27,7 @@ Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
   * topk >= the number of complete earlier chunks is exactly dense causal attention.
   * Kernels equal their _ref in outputs and every gradient (fp32 ~1e-5, bf16 ~1e-2), deterministically.
 
-  * check_memory_sizes admits exactly the chunk x head-dim tiles whose kernels fit a Hopper block.
+  * check_memory_sizes admits only chunk x head-dim tiles whose kernels fit a Hopper block (chunks <= 256).
 
 Run the checks: python -m pytest -q tests/test_ops.py tests/test_kernels_conv.py tests/test_kernels_memory.py
 tests/test_kernel_resources.py (on CPU, tests/conftest.py switches the interpreter on; on a GPU the same tests run
@@ -541,31 +541,31 @@ def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) 
     return chunk_memory_op(q, k, v, picked, chunk)[0]
 
 
-SELF_TEST_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 1e-2}  # max |err| / max |ref|
+SELF_TEST_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|
 
 
 def self_test_kernels(device: torch.device, dtype: torch.dtype, tables: tuple[Tensor, Tensor] | None, channels: int,
                       memory: tuple[int, int, int, int] | None) -> None:
     """Forward and backward of the gather conv (tables = (table, inverse)) and the sparse chunk memory (memory =
-    (heads, kv heads, head dim, chunk)) once, on short random inputs at the model's kernel parameters, against the
-    references in fp32 on the same rounded inputs. Raises on a compile error, a failed launch or an error above
-    SELF_TEST_TOL."""
+    (heads, kv heads, head dim, chunk)) once, on random inputs at the model's kernel parameters and sizes that
+    specialize like training's (T 1024, 16 chunks), against the references in fp32 on the same rounded inputs.
+    Raises on a compile error, a failed launch or an error above SELF_TEST_TOL."""
     gen = torch.Generator().manual_seed(0)
     checks = []
     if tables is not None:
-        table, inverse = tables[0][:2 * GATHER_BLOCK_T].to(device), tables[1].to(device)
-        u, w = torch.randn(1, table.shape[0], channels, generator=gen), torch.randn(channels, table.shape[1], generator=gen)
+        table, inverse = tables[0][:1024].to(device), tables[1].to(device)
+        u, w = torch.randn(2, table.shape[0], channels, generator=gen), torch.randn(channels, table.shape[1], generator=gen)
         checks.append(("gather_conv", lambda u, w: gather_conv_triton(u, table, inverse, w),
                        lambda u, w: causal_gather_conv_ref(u, table, w), (u, w)))
     if memory is not None:
         heads, kv_heads, head_dim, chunk = memory
-        qkv = [torch.randn(1, h, 4 * chunk, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads)]
+        qkv = [torch.randn(1, h, 16 * chunk, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads)]
         checks.append(("chunk_memory", lambda *qkv: chunk_memory_triton(*qkv, chunk, 1),
                        lambda *qkv: chunk_memory_ref(*qkv, chunk, 1), qkv))
     for name, kernel, ref, inputs in checks:
         upstream, results = torch.randn(inputs[0].shape, generator=gen).to(device, dtype), []
         for fn, dt in ((kernel, dtype), (ref, torch.float32)):
-            leaves = [x.to(device, dtype).to(dt).requires_grad_() for x in inputs]
+            leaves = [x.to(device, dtype).to(dt, copy=True).requires_grad_() for x in inputs]
             out = fn(*leaves)
             out.backward(upstream.to(dt))
             results.append([out, *(x.grad for x in leaves)])

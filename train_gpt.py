@@ -21,7 +21,7 @@ Invariants
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
   * The artifact is written atomically, only from finite weights and only under the cap.
   * With the Triton kernels on, each runs once against its reference before training (one error line naming
-    CONVGPT_TRITON=0 if not); on CUDA the step compiles with fullgraph=True, so a graph break fails at once.
+    CONVGPT_TRITON=0 if not); on CUDA the training step compiles with fullgraph=True: a graph break fails at once.
   * Bad input: one "error: ..." line on stderr, exit code 2, nothing overwritten.
   * `import train_gpt` has no side effects.
 """
@@ -1010,7 +1010,9 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
         f"triton:{triton}")
     if not use_compile:
         return model, model
-    model.forward_logits = torch.compile(model.forward_logits, dynamic=False, fullgraph=True)
+    # the step (which traces forward_logits too) fails on a graph break; evaluation recompiles per batch shape, grad
+    # mode and QAT flag, and past the recompile limit a fullgraph function raises where this one falls back to eager
+    model.forward_logits = torch.compile(model.forward_logits, dynamic=False)
     return model, torch.compile(model, dynamic=False, fullgraph=True)
 
 

@@ -32,7 +32,8 @@ _CACHE: dict[tuple, tuple[torch.dtype, ...] | None] = {}
 
 
 def _signature(x: Any) -> Any:
-    return ("T", tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else x if isinstance(x, (int, float, bool, str, type(None))) else type(x).__name__
+    """What decides a function's output dtype: a tensor's shape and dtype, any other argument's value."""
+    return ("T", tuple(x.shape), x.dtype) if isinstance(x, torch.Tensor) else repr(x)
 
 
 def _tensor_dtypes(out: Any) -> tuple[torch.dtype, ...]:
@@ -62,7 +63,7 @@ def cuda_autocast_dtypes(fn: Callable, *args: Any, **kwargs: Any) -> tuple[torch
 
 
 def _probe(func: Callable, args: tuple, kwargs: dict) -> tuple[torch.dtype, ...] | None:
-    key = (func, tree_map(_signature, (args, kwargs)).__repr__())
+    key = (func, repr(tree_map(_signature, (args, kwargs))))
     if key not in _CACHE:
         try:
             _CACHE[key] = cuda_autocast_dtypes(func, *args, **kwargs)

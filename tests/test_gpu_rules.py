@@ -54,6 +54,9 @@ def test_emulation_gives_cuda_autocast_dtypes_where_cpu_autocast_differs():
             assert fn().dtype == cuda_dtype, name
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert fn().dtype == cpu_dtype, name
+    t = torch.tensor([1.0001])
+    with emulate_cuda_autocast():
+        assert t.to(torch.bfloat16).item() == 1.0 and t.to(torch.float32).item() == t.item()  # casts keep their dtype
 
 
 @pytest.mark.parametrize("name", ["default", pytest.param("rope_all_untied_relu2", marks=pytest.mark.slow)])
@@ -82,6 +85,8 @@ def test_kernel_path_under_cuda_autocast_is_as_accurate_as_the_reference(name):
 
 @pytest.mark.slow
 def test_kernel_path_under_cuda_autocast_is_causal():
+    """Perturbing tokens after t leaves logits <= t bit-identical; the gradient of logits at t with respect to
+    later embeddings is exactly zero. On a GPU this is the compiled kernels' causality test."""
     model = random_model(CONFIGS["default"]).to(DEVICE)
     tg.set_triton(model, True)
     ids = token_batch().to(DEVICE)
@@ -92,6 +97,14 @@ def test_kernel_path_under_cuda_autocast_is_causal():
             changed[:, t + 1:] = torch.randint(0, 1024, changed[:, t + 1:].shape, device=DEVICE)
             out = model.forward_logits(changed)
             assert torch.equal(out[:, :t + 1], full[:, :t + 1]), f"position <= {t} saw a later token"
+            assert not torch.equal(out[:, t + 1:], full[:, t + 1:])
+    captured = {}
+    model.tok_emb.register_forward_hook(lambda module, args, out: captured.setdefault("emb", out))
+    with gpu_autocast():
+        logits = model.forward_logits(ids)
+    for t in TRITON_EDGES:
+        (grad,) = torch.autograd.grad(logits[:, t].sum(), captured["emb"], retain_graph=True)
+        assert (grad[:, t + 1:] == 0).all() and (grad[:, t] != 0).any(), f"logits at {t}"
 
 
 @pytest.mark.slow
@@ -134,6 +147,11 @@ def test_self_test_passes_on_this_device_and_catches_a_wrong_kernel(monkeypatch:
     ops.self_test_kernels(DEVICE, dtype, tables, 32, memory)
     real = ops.launch_gather
     monkeypatch.setattr(ops, "launch_gather", lambda x, idx, w: real(x, idx, w) * 1.1)
+    with pytest.raises(RuntimeError, match="gather_conv on .* differs from its reference"):
+        ops.self_test_kernels(DEVICE, dtype, tables, 32, None)
+    monkeypatch.setattr(ops, "launch_gather", real)
+    real_wgrad = ops.launch_gather_wgrad
+    monkeypatch.setattr(ops, "launch_gather_wgrad", lambda *a: real_wgrad(*a) * 1.1)  # a wrong backward only
     with pytest.raises(RuntimeError, match="gather_conv on .* differs from its reference"):
         ops.self_test_kernels(DEVICE, dtype, tables, 32, None)
     monkeypatch.setattr(ops, "launch_memory_forward", lambda *a: (_ for _ in ()).throw(RuntimeError("launch failed")))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -17,7 +18,8 @@ def stage(name: str, status: str, note: str = "", **facts: str) -> pf.Stage:
 
 def test_failures_are_ranked_by_severity_and_skips_are_not_failures():
     stages = [stage("env", "ok"), stage("aot", "FAILED", "ptxas failed"), stage("train:dense", "FAILED", "error: boom"),
-              stage("parity", "FAILED", "FAILED tests/test_ops.py::x"), stage("bench", "skipped", "no time")]
+              stage("parity", "FAILED", "FAILED tests/test_ops.py::x"), stage("bench", "skipped", "no time"),
+              stage("train:conv1d_only", "cut short", "the budget ran out after 90 s")]
     assert pf.rank_failures(stages) == ["**parity**: FAILED tests/test_ops.py::x", "**train:dense**: error: boom",
                                         "**aot**: ptxas failed"]
 
@@ -31,9 +33,8 @@ def test_first_error_prefers_the_error_line_then_the_exception():
 
 
 def test_report_lists_failures_first_then_environment_stages_and_runs(tmp_path):
-    cli = pf.parse_args(["--dry-run", "--out", str(tmp_path / "r.md")]) if FINEWEB_SAMPLE.is_dir() else None
-    if cli is None:
-        pytest.skip(NO_SHARED)
+    cli = argparse.Namespace(dry_run=True, data=tmp_path, tokenizer=tmp_path / "tok.model", val_tokens=8192,
+                             train_seconds=5.0, budget=480.0)
     stages = [pf.Stage("env", "ok", facts={"gpu": "1 x NVIDIA H200", "torch": "2.11.0"}),
               stage("train:default", "ok", **{"ms/step": "300.0", "tokens/s": "1,747,626"}),
               stage("train:dense", "FAILED", "error: the Triton kernels fail on cuda:0"),
@@ -41,7 +42,7 @@ def test_report_lists_failures_first_then_environment_stages_and_runs(tmp_path):
     text = pf.render(stages, cli, "python bench/gpu_preflight.py", "2026-12-01T00:00:00")
     assert text.startswith("# GPU preflight (dry run): 1 x NVIDIA H200")
     assert text.index("## What failed") < text.index("1. **train:dense**: error: the Triton kernels") < text.index("## Environment")
-    assert "Skipped: aot (10 s of the budget left" in text and "| torch | 2.11.0 |" in text
+    assert "Not run to the end: aot skipped (10 s of the budget left" in text and "| torch | 2.11.0 |" in text
     assert "| default | 300.0 | 1,747,626 |" in text
 
 
@@ -63,11 +64,11 @@ def test_dry_run_writes_a_complete_report_on_cpu(tmp_path):
                          timeout=900, cwd=tmp_path)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     text = report.read_text()
-    assert "Nothing failed." in text and "Skipped: aot (--skip)." in text
+    assert "Nothing failed." in text and "Not run to the end: aot skipped (--skip)." in text
     for section in ("## Environment", "## Stages", "## Training runs", "## Parity tests on the device",
                     "## Kernel benchmark (bench/bench_ops.py)"):
         assert section in text
     rows = [line for line in text.splitlines() if line.startswith(("| default |", "| dense |", "| conv1d_only |"))]
     assert len(rows) == 3 and all(float(row.split("|")[3]) > 0 for row in rows)
     assert [line.split(":")[0] for line in out.stdout.splitlines() if line.startswith("preflight [")] == [
-        f"preflight [{i}/7] {name}" for i, name in enumerate(["env", "parity", "train", "train", "train", "bench", "aot"], 1)]
+        f"preflight [{i}/7] {name}" for i, name in enumerate(["env", "parity", "train", "train", "bench", "train", "aot"], 1)]
