@@ -26,7 +26,6 @@ Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
   * The first 4**m Hilbert cells fill a 2**m square, the first 2*4**m a 2**m x 2**(m+1) rectangle.
   * topk >= the number of complete earlier chunks is exactly dense causal attention.
   * Kernels equal their _ref in outputs and every gradient (fp32 ~1e-5, bf16 ~1e-2), deterministically.
-
   * check_memory_sizes admits only chunk x head-dim tiles whose kernels fit a Hopper block (chunks <= 256).
 
 Run the checks: python -m pytest -q tests/test_ops.py tests/test_kernels_conv.py tests/test_kernels_memory.py

@@ -996,18 +996,18 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
     torch.manual_seed(args.seed)
     model = ConvGPT(args).to(d.device)
     try:
-        triton = triton_enabled(d.device)
-        if triton and args.mem_every:
+        use_triton = triton_enabled(d.device)
+        if use_triton and args.mem_every:
             check_memory_sizes(args.mem_chunk, args.head_dim)
     except ValueError as e:
         raise FatalError(str(e)) from None
-    if triton:
+    if use_triton:
         check_kernels_on_device(model, d, log)
-    set_triton(model, triton)
+    set_triton(model, use_triton)
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile} "
-        f"triton:{triton}")
+        f"triton:{use_triton}")
     if not use_compile:
         return model, model
     # the step (which traces forward_logits too) fails on a graph break; evaluation recompiles per batch shape, grad

@@ -85,7 +85,6 @@ class Stage:
     seconds: float = 0.0
     note: str = ""
     output: str = ""
-    run: RunLog | None = None
     facts: dict[str, str] = field(default_factory=dict)
 
 
@@ -263,8 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             if run_stage(stage, [sys.executable, str(ROOT / "train_gpt.py")], train_env(cli, what, data, work), limit,
                          left, cwd=work):
                 try:
-                    stage.run = parse_log(stage.output, name)
-                    stage.facts = train_facts(stage.run)
+                    stage.facts = train_facts(parse_log(stage.output, name))
                 except (ValueError, KeyError) as e:
                     stage.status, stage.note = "FAILED", f"unreadable log: {e}"
             stage.output = ""
