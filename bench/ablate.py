@@ -27,12 +27,17 @@ import shlex
 import statistics
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.flops import count_forward_flops  # noqa: E402
+from data.common import read_shard, write_shard  # noqa: E402
 from tools.runlog import RunLog, parse_log  # noqa: E402
-from train_gpt import Hyperparameters  # noqa: E402
+from train_gpt import FatalError, Hyperparameters  # noqa: E402
 
 CONFIGS: dict[str, dict[str, str]] = {
     "default": {},
@@ -55,9 +60,18 @@ CONFIGS: dict[str, dict[str, str]] = {
     "eval_seq_x2": {},  # EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN
     "ttt": {"TTT_EPOCHS": "3", "TTT_CHUNK_TOKENS": "32768"},
 }
+VAL_SLICE_TOKENS = {"proxy": 131_072}  # validation targets the scale scores: the first N + 1 tokens of the val shards
 SEQ_DOUBLED = {"train_seq_x2": ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN"), "eval_seq_x2": ("EVAL_SEQ_LEN",)}
 SCALES: dict[str, dict[str, str]] = {
     "golf": {},  # the trainer's defaults: d = 512, 9 layers, seq 1024
+    # golf sequence geometry (seq 1024, 16 chunks of 64, top-4), narrow and shallow: 5 layers keep the default
+    # pattern's share of memory blocks (2 of 5; golf 4 of 9), and 300 steps take ~8.5 min on 2 cores (2.9 s/step at
+    # one thread, two runs at once); 8 sequences per step is the least at seq 1024 (8 micro-batches of one sequence);
+    # sliding stride 256 (golf 64) keeps evaluation at a quarter of the cost with >= 768 tokens of context per target
+    "proxy": {"NUM_LAYERS": "5", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "1024",
+              "EVAL_SEQ_LEN": "1024", "EVAL_STRIDE": "256", "TRAIN_BATCH_TOKENS": "8192", "MEM_CHUNK": "64",
+              "MEM_TOPK": "4", "ITERATIONS": "300", "WARMDOWN_ITERS": "180", "WARMUP_STEPS": "2",
+              "TRAIN_LOG_EVERY": "25", "VAL_LOSS_EVERY": "75", "VAL_BATCH_SIZE": "65536"},
     "tiny": {"NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "256",
              "TRAIN_BATCH_TOKENS": "8192", "MEM_CHUNK": "32", "ITERATIONS": "100000", "WARMDOWN_ITERS": "60",
              "WARMUP_STEPS": "2", "TRAIN_LOG_EVERY": "50", "VAL_LOSS_EVERY": "0", "VAL_BATCH_SIZE": "65536"},
@@ -70,16 +84,60 @@ def config_env(name: str, scale: str) -> dict[str, str]:
     return {**CONFIGS[name], **{key: str(seq) for key in SEQ_DOUBLED.get(name, ())}}
 
 
-def run_one(name: str, env: dict[str, str], seed: int, cli: argparse.Namespace) -> RunLog | str:
-    """One training run; its parsed log, or the reason it failed."""
-    run_id = f"{name}_seed{seed}"
-    budget = {"ITERATIONS": str(cli.steps), "MAX_WALLCLOCK_SECONDS": "0"} if cli.steps else \
-        {"MAX_WALLCLOCK_SECONDS": str(cli.seconds)}
-    full = {**os.environ, **SCALES[cli.scale], **config_env(name, cli.scale), **env, **budget, "SEED": str(seed), "RUN_ID": run_id,
-            "ARTIFACT_PATH": str(cli.work / f"{run_id}.ptz")}
+def settings(name: str, cli: argparse.Namespace) -> dict[str, str]:
+    """Every setting a run of this configuration gets apart from its seed, budget and paths."""
+    return {**SCALES[cli.scale], **config_env(name, cli.scale), **dict(e.split("=", 1) for e in cli.env)}
+
+
+def forward_mflops(name: str, cli: argparse.Namespace) -> str:
+    """Forward MFLOP per token at the training length (bench/flops.py), or why it cannot be counted."""
+    try:
+        return f"{count_forward_flops(Hyperparameters.from_env(settings(name, cli))).total / 1e6:.2f}"
+    except (FatalError, ValueError) as e:
+        return f"- ({e})"
+
+
+def prepare_data(cli: argparse.Namespace) -> None:
+    """At a scale with a validation slice, point --data at a folder in --work holding links to its train shards
+    and the slice (the first N + 1 tokens of its val shards, in order): every run scores the same N targets."""
+    n = VAL_SLICE_TOKENS.get(cli.scale)
+    if n is None:
+        return
+    source = Path(cli.data)
+    val = np.concatenate([read_shard(p) for p in sorted(source.glob("fineweb_val_*.bin"))] or [np.zeros(0, np.uint16)])
+    if val.size < n + 1:
+        raise SystemExit(f"error: {source} holds {val.size} val tokens; the {cli.scale} scale scores the first {n + 1}")
+    folder = cli.work / f"data_val{n}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for shard in sorted(source.glob("fineweb_train_*.bin")):
+        link = folder / shard.name
+        if not link.exists():
+            link.symlink_to(shard.resolve())
+    write_shard(folder / "fineweb_val_000000.bin", val[:n + 1])
+    cli.data = str(folder)
+
+
+def reusable(path: Path, env: dict[str, str]) -> RunLog | None:
+    """With --resume: the finished log of an earlier run with exactly these hyperparameters, else None."""
+    try:
+        run = parse_log(path.read_text(), path.stem)
+        expected = {key: str(value) for key, value in asdict(Hyperparameters.from_env(env)).items()}
+    except (OSError, ValueError, FatalError):
+        return None
+    return run if run.hp == expected else None
+
+
+def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace) -> RunLog | str:
+    """One train_gpt.py process (reused from its log with --resume); its parsed log, or why it failed."""
+    full = {**os.environ, **env, "RUN_ID": run_id}
     if cli.jobs > 1:
         full["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cli.jobs))
     full |= {k: v for k, v in (("DATA_PATH", cli.data), ("TOKENIZER_PATH", cli.tokenizer)) if v}
+    log_path = cli.work / "logs" / f"{run_id}.txt"
+    if cli.resume and (done := reusable(log_path, full)) is not None:
+        print(f"ablate {run_id} reused:{log_path}", flush=True)
+        return done
+    log_path.unlink(missing_ok=True)  # the trainer appends to its log
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cli.nproc}"] \
         if cli.nproc > 1 else [sys.executable]
     out = subprocess.run([*launcher, str(ROOT / "train_gpt.py")], env=full, cwd=cli.work, capture_output=True, text=True)
@@ -90,33 +148,94 @@ def run_one(name: str, env: dict[str, str], seed: int, cli: argparse.Namespace) 
     return parse_log(out.stdout, run_id)
 
 
+def run_one(name: str, seed: int, cli: argparse.Namespace) -> tuple[RunLog | str, RunLog | str | None]:
+    """One training run, then (with --eval-at L, for the configurations it names) its artifact re-scored at
+    EVAL_SEQ_LEN=L with EVAL_ONLY=1."""
+    run_id = f"{name}_seed{seed}"
+    budget = {"ITERATIONS": str(cli.steps), "MAX_WALLCLOCK_SECONDS": "0"} if cli.steps else \
+        {"MAX_WALLCLOCK_SECONDS": str(cli.seconds)}
+    env = {**settings(name, cli), **budget, "SEED": str(seed), "ARTIFACT_PATH": str(cli.work / f"{run_id}.ptz")}
+    trained = launch(run_id, env, cli)
+    if not cli.eval_at or name not in cli.eval_configs or not isinstance(trained, RunLog):
+        return trained, None
+    return trained, launch(f"{run_id}_eval{cli.eval_at}", {**env, "EVAL_ONLY": "1", "EVAL_SEQ_LEN": str(cli.eval_at)}, cli)
+
+
 def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def table(results: dict[str, list[RunLog | str]], reference: str, scale: str) -> list[str]:
+def paired(values: list[float]) -> str:
+    """Mean +- standard error of per-seed differences."""
+    mean, std = mean_std(values)
+    return f"{mean:+.4f} +- {std / len(values) ** 0.5:.4f}"
+
+
+def extra_columns(runs: list[tuple[RunLog | str, RunLog | str | None]]) -> list[str]:
+    """headline at --eval-at, and its per-seed difference to the same artifact's headline at the training length."""
+    pairs = [(r, e) for r, e in runs if isinstance(r, RunLog) and isinstance(e, RunLog)]
+    failed = [e for _, e in runs if isinstance(e, str)]
+    if not pairs:
+        return [f"failed: {failed[0]}" if failed else "-", "-"]
+    at = mean_std([e.score.val_bpb for _, e in pairs])
+    return [f"{at[0]:.4f} +- {at[1]:.4f}", paired([e.score.val_bpb - r.score.val_bpb for r, e in pairs])]
+
+
+def table(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], cli: argparse.Namespace,
+          mflops: dict[str, str]) -> list[str]:
     """One row per configuration; "headline" is the sliding-window score, or the TTT score when TTT ran, and
-    eval s is the time of that evaluation."""
-    rows = ["| config | settings | params | bytes_total | tok/s | steps | val_bpb plain | val_bpb headline | eval s | delta |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    ref = [r.score.val_bpb for r in results.get(reference, []) if isinstance(r, RunLog)]
+    eval s is the time of that evaluation. fwd MFLOP/tok is bench/flops.py's count at the training length."""
+    extra = [f"headline @{cli.eval_at}", f"@{cli.eval_at} - @train"] if cli.eval_at else []
+    head = ["config", "settings", "params", "fwd MFLOP/tok", "bytes_total", "tok/s", "steps", "val_bpb plain",
+            "val_bpb headline", "eval s", "delta", *extra]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    ref = [r.score.val_bpb for r, _ in results.get(cli.reference, []) if isinstance(r, RunLog)]
     for name, runs in results.items():
-        settings = " ".join(f"{k}={v}" for k, v in config_env(name, scale).items()) or "-"
-        ok = [r for r in runs if isinstance(r, RunLog)]
+        configured = " ".join(f"{k}={v}" for k, v in config_env(name, cli.scale).items()) or "-"
+        ok = [r for r, _ in runs if isinstance(r, RunLog)]
         if not ok:
-            rows.append(f"| {name} | {settings} | failed: {runs[0]} | | | | | | | |")
+            rows.append(f"| {name} | {configured} | failed: {runs[0][0]} |" + " |" * (len(head) - 3))
             continue
         sliding, plain = mean_std([r.score.val_bpb for r in ok]), mean_std([r.roundtrip.val_bpb for r in ok])
         tok_s = statistics.fmean(int(r.hp["train_batch_tokens"]) * r.stopped.steps / r.stopped.train_time_ms * 1000 for r in ok)
         delta = "-"
-        if ref and name != reference:
+        if ref and name != cli.reference:
             ref_mean, ref_std = mean_std(ref)
             spread = (sliding[1] ** 2 / len(ok) + ref_std ** 2 / len(ref)) ** 0.5
             delta = f"{sliding[0] - ref_mean:+.4f} +- {spread:.4f}"
-        rows.append(f"| {name} | {settings} | {ok[0].model_params:,} | {max(r.sizes.total for r in ok):,} | {tok_s:,.0f} | "
-                    f"{statistics.fmean(r.stopped.steps for r in ok):.0f} | {plain[0]:.4f} +- {plain[1]:.4f} | "
-                    f"{sliding[0]:.4f} +- {sliding[1]:.4f} | {statistics.fmean(r.score.eval_time_ms or 0.0 for r in ok) / 1000:.1f} | {delta} |")
+        cells = [name, configured, f"{ok[0].model_params:,}", mflops[name], f"{max(r.sizes.total for r in ok):,}",
+                 f"{tok_s:,.0f}", f"{statistics.fmean(r.stopped.steps for r in ok):.0f}",
+                 f"{plain[0]:.4f} +- {plain[1]:.4f}", f"{sliding[0]:.4f} +- {sliding[1]:.4f}",
+                 f"{statistics.fmean(r.score.eval_time_ms or 0.0 for r in ok) / 1000:.1f}", delta,
+                 *(extra_columns(runs) if cli.eval_at else [])]
+        rows.append("| " + " | ".join(cells) + " |")
     return rows
+
+
+def plot_curves(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], out: Path, title: str) -> None:
+    """Validation bpb against step, the mean over seeds of each configuration (the live model's plain score at
+    every VAL_LOSS_EVERY step), with the final sliding-window score of the EMA artifact as a star."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for i, (name, runs) in enumerate(results.items()):
+        ok = [r for r, _ in runs if isinstance(r, RunLog) and r.val]
+        if not ok:
+            continue
+        steps = sorted(set.intersection(*({p.step for p in r.val} for r in ok)))
+        bpb = [statistics.fmean(p.val_bpb for r in ok for p in r.val if p.step == s) for s in steps]
+        colour = plt.get_cmap("tab10")(i % 10)
+        ax.plot(steps, bpb, color=colour, marker="o", ms=3, lw=1.2, label=f"{name} ({len(ok)} seeds)")
+        ax.plot([ok[0].stopped.steps], [statistics.fmean(r.score.val_bpb for r in ok)], color=colour, marker="*", ms=12)
+    ax.set(xlabel="step", ylabel="val_bpb (dots: live model, plain windows; star: final EMA int6, headline)", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110, bbox_inches="tight")
+    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,6 +254,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--nproc", type=int, default=1)
     parser.add_argument("--work", type=lambda p: Path(p).resolve(), default=ROOT / "logs" / "ablate")
     parser.add_argument("--out", type=Path, required=False, help="markdown results file to write")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse every finished log in --work whose hyperparameters match the run's exactly")
+    parser.add_argument("--eval-at", type=int, default=0, metavar="LEN",
+                        help="also score each artifact at EVAL_SEQ_LEN=LEN (EVAL_ONLY=1): two more columns")
+    parser.add_argument("--eval-configs", default="", help="configurations --eval-at applies to (default: all)")
+    parser.add_argument("--plot", type=Path, help="PNG of the validation curves, one line per configuration")
     cli = parser.parse_args(argv)
     unknown = [c for c in cli.configs.split(",") if c not in CONFIGS]
     if unknown:
@@ -145,6 +270,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--steps must be >= 0 and --jobs >= 1")
     if not cli.list and cli.out is None:
         parser.error("--out is required")
+    if VAL_SLICE_TOKENS.get(cli.scale) and not cli.list and not cli.data:
+        parser.error(f"the {cli.scale} scale scores a slice of the val shards: --data is required")
+    cli.eval_configs = cli.eval_configs.split(",") if cli.eval_configs else cli.configs.split(",")
+    if cli.eval_at < 0 or not set(cli.eval_configs) <= set(cli.configs.split(",")):
+        parser.error("--eval-at must be >= 0 and --eval-configs a subset of --configs")
     return cli
 
 
@@ -155,29 +285,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:16} {' '.join(f'{k}={v}' for k, v in config_env(name, cli.scale).items()) or '(the defaults)'}")
         return 0
     cli.work.mkdir(parents=True, exist_ok=True)
-    env = dict(e.split("=", 1) for e in cli.env)
+    val_source = cli.data
+    prepare_data(cli)
     names, seeds = cli.configs.split(","), [int(s) for s in cli.seeds.split(",")]
-    results: dict[str, list[RunLog | str]] = {name: [] for name in names}
+    mflops = {name: forward_mflops(name, cli) for name in names}
+    results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]] = {name: [] for name in names}
     with concurrent.futures.ThreadPoolExecutor(cli.jobs) as pool:
-        futures = {pool.submit(run_one, name, env, seed, cli): name for name in names for seed in seeds}
+        futures = {pool.submit(run_one, name, seed, cli): name for name in names for seed in seeds}
         for future in concurrent.futures.as_completed(futures):
             results[futures[future]].append(future.result())
-            write_results(cli, argv, results)
+            write_results(cli, argv, results, mflops, val_source)
+            if cli.plot:
+                plot_curves({k: v for k, v in results.items() if v}, cli.plot, f"{cli.scale} scale, {cli.out.stem}")
     print(cli.out.read_text())
-    return 0 if any(isinstance(r, RunLog) for runs in results.values() for r in runs) else 1
+    return 0 if any(isinstance(r, RunLog) for runs in results.values() for r, _ in runs) else 1
 
 
-def write_results(cli: argparse.Namespace, argv: list[str] | None, results: dict[str, list[RunLog | str]]) -> None:
-    done = [r for runs in results.values() for r in runs if isinstance(r, RunLog)]
+def write_results(cli: argparse.Namespace, argv: list[str] | None, results: dict, mflops: dict[str, str],
+                  val_source: str | None) -> None:
+    done = [r for runs in results.values() for r, _ in runs if isinstance(r, RunLog)]
     hardware = done[0].hardware if done else "unknown (no run finished)"
     command = "python bench/ablate.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     budget = f"{cli.steps} training steps" if cli.steps else f"{cli.seconds:g} s of training"
     lines = [f"# Ablation, {cli.scale} scale, {budget} per run", "",
              f"- date: {datetime.date.today().isoformat()}", f"- hardware: {hardware}; runs at once: {cli.jobs}",
-             f"- command: `{command}`", f"- data: {cli.data or 'DATA_PATH default'}; tokenizer: {cli.tokenizer or 'default'}",
+             f"- command: `{command}`", f"- data: {val_source or 'DATA_PATH default'}; tokenizer: {cli.tokenizer or 'default'}",
+             *([f"- validation: the first {VAL_SLICE_TOKENS[cli.scale] + 1:,} tokens of the data's val shards "
+                f"({VAL_SLICE_TOKENS[cli.scale]:,} targets), written to {cli.data}"] if cli.scale in VAL_SLICE_TOKENS else []),
              f"- base settings ({cli.scale}): {' '.join(f'{k}={v}' for k, v in SCALES[cli.scale].items()) or 'the trainer defaults'}",
              f"- overrides: {' '.join(cli.env) or 'none'}; seeds: {cli.seeds}; reference: {cli.reference}", "",
-             *table({k: v for k, v in results.items() if v}, cli.reference, cli.scale), ""]
+             *table({k: v for k, v in results.items() if v}, cli, mflops), ""]
     cli.out.parent.mkdir(parents=True, exist_ok=True)
     cli.out.write_text("\n".join(lines))
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import ROOT, TINY_ENV
@@ -30,7 +32,7 @@ def test_two_configs_two_seeds_make_a_table(smoke_data, tmp_path):
     assert rows["default"][-1] == "-" and rows["conv1d_only"][0] == "MEM_EVERY=0 CONV2D_K=0"
     assert int(rows["default"][1].replace(",", "")) > int(rows["conv1d_only"][1].replace(",", ""))
     assert rows["conv1d_only"][-1].startswith(("+", "-")) and "+-" in rows["conv1d_only"][-1]
-    assert rows["default"][4] == "6" and float(rows["default"][6].split()[0]) > 0
+    assert rows["default"][5] == "6" and float(rows["default"][7].split()[0]) > 0
     assert sorted(p.name for p in (tmp_path / "work").glob("*.ptz")) == [
         "conv1d_only_seed1.ptz", "conv1d_only_seed2.ptz", "default_seed1.ptz", "default_seed2.ptz"]
 
@@ -61,14 +63,87 @@ def test_step_budget_parallel_jobs_and_ttt_headline(smoke_data, tmp_path):
     assert text.startswith("# Ablation, tiny scale, 3 training steps per run") and "runs at once: 2" in text
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in text.splitlines() if line.startswith("| ") and "---" not in line and "config" not in line}
-    assert rows["default"][4] == rows["ttt"][4] == "3"
+    assert rows["default"][5] == rows["ttt"][5] == "3"
     logs = {p.name: p.read_text() for p in (tmp_path / "work" / "logs").glob("*.txt")}
     ttt = ablate.parse_log(logs["ttt_seed1.txt"])
     assert ttt.ttt is not None and ttt.score == ttt.ttt != ttt.sliding and "hp ttt_epochs:3" in logs["ttt_seed1.txt"]
-    assert float(rows["ttt"][6].split()[0]) != float(rows["ttt"][5].split()[0]) and float(rows["ttt"][7]) > 0
+    assert float(rows["ttt"][7].split()[0]) != float(rows["ttt"][6].split()[0]) and float(rows["ttt"][8]) > 0
 
 
 def test_doubled_sequence_configs_follow_the_scale():
     assert ablate.config_env("train_seq_x2", "tiny") == {"TRAIN_SEQ_LEN": "512", "EVAL_SEQ_LEN": "512"}
     assert ablate.config_env("eval_seq_x2", "golf") == {"EVAL_SEQ_LEN": "2048"}
     assert ablate.config_env("no_bigram", "golf") == {"BIGRAM_BUCKETS": "0"}
+
+
+def proxy_args(tmp_path, data, *extra: str) -> list[str]:
+    return ["--scale", "proxy", "--data", str(data), "--work", str(tmp_path / "work"), "--out", str(tmp_path / "r.md"), *extra]
+
+
+def test_proxy_scale_keeps_the_golf_sequence_geometry():
+    proxy, golf = ablate.SCALES["proxy"], ablate.Hyperparameters()
+    assert (int(proxy["TRAIN_SEQ_LEN"]), int(proxy["MEM_CHUNK"]), int(proxy["MEM_TOPK"])) == \
+        (golf.train_seq_len, golf.mem_chunk, golf.mem_topk)
+    assert int(proxy["TRAIN_BATCH_TOKENS"]) == 8 * int(proxy["TRAIN_SEQ_LEN"])  # 8 micro-batches of one sequence
+    args = ablate.Hyperparameters.from_env(proxy)
+    assert args.eval_len == 1024 and args.head_dim == 64 and (args.train_seq_len - 1) // args.mem_chunk > args.mem_topk
+    assert ablate.config_env("eval_seq_x2", "proxy") == {"EVAL_SEQ_LEN": "2048"}
+
+
+def test_proxy_scale_needs_data_and_writes_one_validation_slice(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ablate.parse_args(["--scale", "proxy", "--out", "x.md"])
+    assert exit_info.value.code == 2 and "--data is required" in capsys.readouterr().err
+    from data.common import read_shard, write_shard
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_shard(src / "fineweb_train_000000.bin", np.arange(50, dtype=np.uint16))
+    write_shard(src / "fineweb_val_000000.bin", np.arange(100_000, dtype=np.uint32) % 1000)
+    write_shard(src / "fineweb_val_000001.bin", np.full(40_000, 7))
+    cli = ablate.parse_args(proxy_args(tmp_path, src))
+    ablate.prepare_data(cli)
+    folder = Path(cli.data)
+    assert folder == tmp_path / "work" / "data_val131072"
+    assert sorted(p.name for p in folder.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+    assert (folder / "fineweb_train_000000.bin").resolve() == (src / "fineweb_train_000000.bin").resolve()
+    val = read_shard(folder / "fineweb_val_000000.bin")
+    assert val.size == 131_073 and val[99_999] == 999 and (val[100_000:] == 7).all()
+    (src / "fineweb_val_000001.bin").unlink()
+    with pytest.raises(SystemExit, match="holds 100000 val tokens; the proxy scale scores the first 131073"):
+        ablate.prepare_data(ablate.parse_args(proxy_args(tmp_path, src)))
+
+
+def test_flops_column_counts_each_configuration():
+    cli = ablate.parse_args(["--scale", "proxy", "--data", "d", "--out", "x.md"])
+    values = {name: float(ablate.forward_mflops(name, cli)) for name in ("default", "topk8", "dense", "conv1d_only")}
+    assert values["conv1d_only"] < values["default"] < values["topk8"] < values["dense"]
+    cli.env = ["NUM_LAYERS=two"]
+    assert ablate.forward_mflops("default", cli).startswith("- (NUM_LAYERS='two' is not a valid int")
+
+
+@pytest.mark.slow
+def test_eval_at_resume_and_plot(smoke_data, tmp_path, capsys):
+    args = harness_args(smoke_data, tmp_path, "default,dense", "--steps", "2", "--seeds", "1", "--eval-at", "128",
+                        "--eval-configs", "default", "--env=VAL_LOSS_EVERY=1", "--plot", str(tmp_path / "curves.png"))
+    assert ablate.main(args) == 0
+    text = (tmp_path / "results.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| config"))
+    assert "fwd MFLOP/tok" in header and "headline @128" in header and "@128 - @train" in header
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "config" not in line}
+    assert rows["dense"][-2:] == ["-", "-"] and float(rows["default"][-2].split()[0]) > 0
+    assert rows["default"][-1].startswith(("+", "-")) and float(rows["default"][2]) < float(rows["dense"][2])
+    evaluated = ablate.parse_log((tmp_path / "work" / "logs" / "default_seed1_eval128.txt").read_text())
+    assert evaluated.hp["eval_only"] == "True" and evaluated.hp["eval_seq_len"] == "128" and evaluated.stop is None
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    logs = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").glob("*.txt")}
+    capsys.readouterr()
+    assert ablate.main([*args, "--resume"]) == 0
+    out = capsys.readouterr().out
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert out.count(" reused:") == 3 and " exit:" not in out
+    assert [line for line in (tmp_path / "results.md").read_text().splitlines() if line.startswith("|")] == table
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").glob("*.txt")} == logs
+    assert ablate.main([*args, "--resume", "--env=MLP_MULT=3"]) == 0  # other settings: trained again
+    assert " reused:" not in capsys.readouterr().out
