@@ -1,5 +1,6 @@
 """Ablation harness: run named configurations on the same data for the same wallclock, seeds apart, and write
-one table (config, params, artifact bytes, tokens/s, steps, val_bpb plain and sliding, delta to a reference).
+one table (config, params, forward FLOPs per token, artifact bytes, tokens/s, steps, val_bpb plain and sliding,
+delta to a reference).
 
 Runbook
   python bench/ablate.py --list                                   # the named configurations and their settings
@@ -8,13 +9,19 @@ Runbook
   python bench/ablate.py --scale tiny --configs default,dense --seeds 1,2 --seconds 60 \
       --data DIR --tokenizer PATH --out bench/results/tiny_core.md  # tiny scale on CPU
   python bench/ablate.py --scale tiny --steps 100 --jobs 2 ...  # equal steps instead of equal time, 2 runs at once
+  python bench/ablate.py --scale proxy --steps 300 --jobs 2 --configs default,dense --eval-at 2048 --resume \
+      --data ../shared/data/datasets/fineweb_sample_sp1024 --tokenizer PATH --work /tmp/proxy/work \
+      --out bench/results/proxy_steps_cpu.md --plot bench/results/proxy_steps_cpu.png  # golf geometry on CPU
 Every run is `train_gpt.py` in a subprocess (one process; `--nproc N` uses torchrun) with the base settings of the
 scale, then the configuration's, then `--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS
 (--seconds), or ITERATIONS with no wallclock cap (--steps). `--jobs J` runs J trainings at once with
 OMP_NUM_THREADS = cores / J; their tokens/s then share the machine and compare only within one table. Logs and
-artifacts land in --work. The markdown file is rewritten after every finished run; it names the date, the
-hardware (from the logs), the command and the data; a failed run becomes a row with its error line. delta = mean sliding val_bpb minus the reference's, +- the
-standard error of that difference over seeds (0 with one seed each).
+artifacts land in --work; --resume reuses a finished log there whose hyperparameters match exactly. --eval-at L
+re-scores each artifact at EVAL_SEQ_LEN=L (EVAL_ONLY=1). The proxy scale scores a fixed val slice that it writes
+to --work. fwd MFLOP/tok is bench/flops.py's count. The markdown file is rewritten after every finished run; it
+names the date, the hardware (from the logs), the command and the data; a failed run becomes a row with its error
+line. delta = mean sliding val_bpb minus the reference's, +- the standard error of that difference over seeds (0
+with one seed each).
 """
 
 from __future__ import annotations
