@@ -1,0 +1,366 @@
+"""Cost model: predicted 8xH100 ms per training step for any configuration, next to the attention baseline's.
+
+Runbook
+  python bench/cost_model.py                                     # default vs baseline at seq 1024 and 2048
+  python bench/cost_model.py --routing proxy.ptz --routing-env "NUM_LAYERS=5 MODEL_DIM=128 NUM_HEADS=2 NUM_KV_HEADS=1"
+                                                                 # memory work measured on a trained model's routing
+  MEM_TOPK=8 python bench/cost_model.py --json                   # one JSON object (settings from the environment)
+  python bench/cost_model.py --bf16-body                         # the prediction with activations in bf16
+
+This is a model, not a measurement: a GPU step time replaces it (bench/gpu_preflight.py). What it does:
+  1. Work per token, per component, from one meta-device forward (nothing is computed):
+     * matmul FLOPs are bench/flops.py's count (the same code as the ablation table's column);
+     * attention FLOPs: FlashAttention does the causal work (t + 1 keys per query). The chunk memory kernel does
+       more: a 64-query tile reads every key chunk any of its queries picked (the union), in full 64 x 64 blocks.
+       So its work is memory_work_over_ideal x (top-k + 1) blocks per tile, taken from the kernel's own schedule
+       (convgpt_ops._schedule) on routing from a trained model (--routing). Without one it is the bound: every
+       earlier chunk;
+     * bytes: every non-matmul aten op's inputs plus outputs (views and factories move nothing), as eager PyTorch
+       would move them. The custom ops count what their kernels read and write, plus the .contiguous() copies
+       that their wrappers make of strided inputs.
+  2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention 3.5x
+     (2 forward + 5 backward matmul passes, over 2); the chunk memory 4.5x (its backward has 7 passes: the dq kernel
+     3, the dk/dv kernel 4); bytes 3x (the backward reads what the forward saved and writes gradients).
+  3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
+       matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
+       + routing FLOPs / fp32 peak + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
+  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, bf16 body, seq 1024): the seq 2048 step
+     differs from the seq 1024 step only in attention FLOPs per token, so (51.9 - 43.54) ms gives the attention
+     rate. The rest of the 43.54 ms, after matmuls at the assumed efficiency, gives the byte rate (it absorbs
+     torch.compile's fusion, which the eager byte count does not see, and launch overheads).
+
+Assumptions that could be wrong, each a named constant below:
+  * MATMUL_EFFICIENCY 0.6 of bf16 peak for K = 512 matmuls; a lower value moves time from bytes to matmuls.
+  * The chunk memory kernel runs at FlashAttention's calibrated rate. It is younger code: likely slower.
+  * Our model fuses as well as the baseline under torch.compile (one byte rate for both).
+  * BODY_BYTES: the baseline's activations are bf16 (2 bytes), ours fp32 (4 bytes) outside the matmuls, until the
+    bf16 body (issue 12) lands (--bf16-body predicts it).
+  * Routing is fp32 (q.float() @ mean keys) and runs on the CUDA cores, not the tensor cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from unittest import mock
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import train_gpt  # noqa: E402
+from bench.flops import count_forward_flops, memory_keys  # noqa: E402
+from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing  # noqa: E402
+from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
+
+H100_BF16_FLOPS = 989e12  # H100 SXM5 dense bf16 tensor-core peak, NVIDIA datasheet
+H100_FP32_FLOPS = 67e12  # H100 SXM5 fp32 CUDA-core peak, NVIDIA datasheet
+NVLINK_BYTES_S = 450e9  # H100 NVLink 4, per direction per GPU (900 GB/s both ways), NVIDIA datasheet
+MATMUL_EFFICIENCY = 0.6  # assumed share of bf16 peak for [65536 x 512] @ [512 x N] matmuls
+BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHALLENGE.md, issue 12)
+GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
+TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 4.5, "bytes": 3.0}  # training work / forward work
+BF16_BYTES = 2
+BASELINE_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all", "MLP_MULT": "2", "MLP_ACT": "relu2",
+                "BIGRAM_BUCKETS": "0", "SMEAR_GATE": "0"}  # every block attention: the baseline's transformer
+MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
+
+
+class ByteCounter(TorchDispatchMode):
+    """Bytes read plus written by every non-matmul, non-view, non-factory aten op; with bf16_body, every
+    activation at 2 bytes (the baseline's policy), else at the dtype it has."""
+
+    def __init__(self, bf16_body: bool):
+        super().__init__()
+        self.bf16_body, self.labels, self.by_part = bf16_body, ["other"], {}
+
+    def add(self, *tensors: torch.Tensor) -> None:
+        size = sum(t.numel() * (BF16_BYTES if self.bf16_body and t.is_floating_point() else t.element_size()) for t in tensors)
+        self.by_part[self.labels[-1]] = self.by_part.get(self.labels[-1], 0) + size
+
+    def label(self, module: torch.nn.Module, name: str) -> None:
+        """Attribute the bytes of module's own forward to name (the innermost labelled module wins)."""
+        module.register_forward_pre_hook(lambda *_: self.labels.append(name))
+        module.register_forward_hook(lambda *_: self.labels.pop() and None)  # a hook's non-None return replaces the output
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = func.overloadpacket.__name__
+        if not func.is_view and name not in MATMUL_OPS and not name.startswith(("empty", "zeros", "full")):
+            self.add(*(t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)))
+        return out
+
+
+def cast_floats(tree, dtype: torch.dtype):
+    return torch.utils._pytree.tree_map(lambda t: t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t, tree)
+
+
+class CudaAutocastDtypes(TorchFunctionMode):
+    """The dtypes CUDA bf16 autocast gives the trainer's activations: matmuls bf16; rms_norm, softmax, log-softmax,
+    cross-entropy, sum and pow/square fp32 (what tests/cuda_autocast.py reads from CUDA's autocast kernels)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in BF16_FUNCTIONS:
+            args, kwargs = cast_floats(args, torch.bfloat16), cast_floats(kwargs, torch.bfloat16)
+        elif func in FP32_FUNCTIONS:
+            args, kwargs = cast_floats(args, torch.float32), cast_floats(kwargs, torch.float32)
+        return func(*args, **kwargs)
+
+
+BF16_FUNCTIONS = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch.einsum, torch.mm, torch.bmm}
+FP32_FUNCTIONS = {F.rms_norm, F.softmax, F.log_softmax, F.cross_entropy, torch.sum, torch.Tensor.sum, torch.pow,
+                  torch.Tensor.pow, torch.square, torch.Tensor.square}
+
+
+@dataclass(frozen=True)
+class Work:
+    """Forward work per token of one configuration at one sequence length."""
+    matmul_flops: float
+    flash_flops: float
+    memory_flops: float  # what the chunk memory kernel executes
+    route_flops: float
+    bytes_by_part: dict[str, float]  # moved by non-matmul ops in the forward, per token: embed, conv, memory, mlp,
+    # block (norms, residual and branch scales), other (embedding, SmearGate, final norm, softcap, loss)
+    matrix_params: int
+    params: int
+
+    @property
+    def bytes(self) -> float:
+        return sum(self.bytes_by_part.values())
+
+
+def strided_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    """What a .contiguous() of each strided input reads and writes."""
+    return [t for t in tensors if not t.is_contiguous() for _ in range(2)]
+
+
+def ideal_blocks(seq_len: int, chunk: int, topk: int) -> int:
+    """Key blocks a query tile needs, summed over tiles: its own chunk and min(top-k, earlier chunks)."""
+    return sum(min(topk, i) + 1 for i in range(-(-seq_len // chunk)))
+
+
+def every_chunk_ratio(seq_len: int, chunk: int, topk: int) -> float:
+    """memory_work_over_ideal when every tile's union is every earlier chunk (the bound; random init is close)."""
+    n = -(-seq_len // chunk)
+    return n * (n + 1) / 2 / ideal_blocks(seq_len, chunk, topk)
+
+
+def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_body: bool) -> Work:
+    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes (bf16_body: every activation
+    bf16); work_over_ideal None = every earlier chunk (the bound)."""
+    T, counter = seq_len, ByteCounter(bf16_body)
+    args = replace(args, train_seq_len=T, eval_seq_len=0)
+    flops = count_forward_flops(args, T)
+    attn = {"flash": 0.0, "memory": 0.0}
+
+    def memory(q, k, v, chunk, topk):
+        counter.add(*strided_copies(q, k, v), q, k, v, q)  # q, k, v in, out
+        flops_per_key = 4 * q.shape[0] * q.shape[1] * q.shape[3]
+        if topk >= (T - 1) // chunk:
+            attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
+            return torch.empty_like(q)
+        with torch.no_grad():
+            _schedule(chunk_routing(q, k, chunk, topk), chunk)
+        ratio = work_over_ideal if work_over_ideal is not None else every_chunk_ratio(T, chunk, topk)
+        attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
+        return torch.empty_like(q)
+
+    def gather_conv(u, table, inverse, w):
+        counter.add(*strided_copies(u), u, u)
+        return torch.empty_like(u)
+
+    model = train_gpt.ConvGPT(args)
+    train_gpt.set_triton(model, True)
+    model = model.to("meta")
+    if model.bigram is not None:
+        counter.label(model.bigram, "embed")
+    for block in model.blocks:
+        counter.label(block, "block")
+        counter.label(block.mixer, "memory" if isinstance(block.mixer, ChunkMemory) else "conv")
+        counter.label(block.mlp, "mlp")
+    tokens = torch.zeros((TOKENS_PER_STEP // GPUS // T, T), dtype=torch.long, device="meta")  # one GPU's micro-batch
+    with mock.patch.object(train_gpt, "chunk_memory_triton", memory), \
+            mock.patch.object(train_gpt, "chunk_memory_ref", memory), \
+            mock.patch.object(train_gpt, "gather_conv_triton", gather_conv), counter, CudaAutocastDtypes():
+        model(tokens, tokens)
+    per_token, n = flops.per_token, tokens.numel()
+    matrices = [m.weight for m in train_gpt.block_matrices(model).values()]
+    return Work(matmul_flops=flops.total - per_token["memory_attn"] - per_token["memory_route"],
+                flash_flops=attn["flash"] / n, memory_flops=attn["memory"] / n, route_flops=per_token["memory_route"],
+                bytes_by_part={k: v / n for k, v in counter.by_part.items()}, matrix_params=sum(p.numel() for p in matrices),
+                params=sum(p.numel() for p in model.parameters()))
+
+
+def muon_flops(args: Hyperparameters) -> float:
+    """Newton-Schulz FLOPs per step on one rank: per iteration 4 m^2 n + 2 m^3 (m <= n) per matrix, 1/GPUS of them."""
+    model = train_gpt.ConvGPT(args).to("meta")
+    total = 0.0
+    for m in train_gpt.block_matrices(model).values():
+        small, big = sorted(m.weight.shape)
+        total += args.muon_backend_steps * (4 * small * small * big + 2 * small ** 3)
+    return total / GPUS
+
+
+@dataclass(frozen=True)
+class Rates:
+    flash_flops_s: float
+    bytes_s: float
+
+
+def step_ms(work: Work, args: Hyperparameters, rates: Rates) -> dict[str, float]:
+    """Milliseconds per step on one GPU, by part."""
+    tokens = TOKENS_PER_STEP / GPUS
+    ring = 2 * (GPUS - 1) / GPUS / NVLINK_BYTES_S
+    return {
+        "matmul": 1e3 * tokens * TRAIN_X["matmul"] * work.matmul_flops / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),
+        "attention": 1e3 * tokens * (TRAIN_X["flash"] * work.flash_flops + TRAIN_X["memory"] * work.memory_flops)
+        / rates.flash_flops_s,
+        "routing": 1e3 * tokens * TRAIN_X["matmul"] * work.route_flops / H100_FP32_FLOPS,
+        "bytes": 1e3 * tokens * TRAIN_X["bytes"] * work.bytes / rates.bytes_s,
+        "optimizer": 1e3 * muon_flops(args) / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),
+        "all_reduce": 1e3 * ring * (4 * work.params + 2 * work.matrix_params),
+    }
+
+
+def calibrate() -> Rates:
+    """Solve the baseline's two measured steps for the attention rate and the byte rate: per step, attention FLOPs x
+    (1 / attention rate) + bytes x (1 / byte rate) = measured ms - the rest of the model's parts."""
+    args = Hyperparameters.from_env(BASELINE_ENV)
+    tokens, rows, rhs = TOKENS_PER_STEP / GPUS, [], []
+    for T in (1024, 2048):
+        work = forward_work(args, T, None, bf16_body=True)
+        parts = step_ms(work, args, Rates(float("inf"), float("inf")))
+        rows.append([tokens * TRAIN_X["flash"] * work.flash_flops, tokens * TRAIN_X["bytes"] * work.bytes])
+        rhs.append(1e-3 * (BASELINE_MS[T] - sum(parts.values())))
+    inv_flash, inv_bytes = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)).tolist()
+    if inv_flash <= 0 or inv_bytes <= 0:
+        raise FatalError(f"calibration failed: rates 1/{inv_flash:.3g}, 1/{inv_bytes:.3g} FLOP/s and B/s are not positive")
+    return Rates(1 / inv_flash, 1 / inv_bytes)
+
+
+def scheduled_blocks(picked: torch.Tensor, chunk: int, topk: int) -> tuple[int, int]:
+    """(key blocks the kernel executes, ideal blocks) for one routing [B, H, T, n_past]: the executed count is the
+    kernel's own schedule (convgpt_ops._schedule, q_cnt per query tile)."""
+    _, _, q_cnt, _, _ = _schedule(picked, chunk)
+    return int(q_cnt.sum()), picked.shape[0] * picked.shape[1] * ideal_blocks(picked.shape[2], chunk, topk)
+
+
+def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, val_tokens: torch.Tensor) -> float:
+    """Executed over ideal key blocks of the chunk memory kernel on the routing that a trained model's memory
+    layers produce over full val windows of seq_len tokens."""
+    args = replace(Hyperparameters.from_env(env), artifact_path=str(artifact), eval_seq_len=seq_len)
+    model = train_gpt.ConvGPT(args)
+    train_gpt.load_artifact(model)
+    blocks = [0, 0]
+
+    def counting(q, k, v, chunk, topk):
+        for i, n in enumerate(scheduled_blocks(chunk_routing(q, k, chunk, topk), chunk, topk)):
+            blocks[i] += n
+        return chunk_memory_ref(q, k, v, chunk, topk)  # the real output: later layers route on it
+
+    n = val_tokens.numel() // seq_len
+    if n == 0:
+        raise FatalError(f"the validation tokens hold no full window of {seq_len}")
+    with torch.no_grad(), mock.patch.object(train_gpt, "chunk_memory_ref", counting):
+        for batch in val_tokens[: n * seq_len].view(n, seq_len).long().split(8):
+            model.forward_logits(batch)
+    if blocks[1] == 0:
+        raise FatalError("the model has no sparse chunk memory layer at this length (dense or none)")
+    return blocks[0] / blocks[1]
+
+
+def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: float | None, bf16_body: bool) -> dict:
+    args = Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(seq_len)})
+    work = forward_work(args, seq_len, work_over_ideal, bf16_body)
+    parts = step_ms(work, args, rates)
+    ms = sum(parts.values())
+    bytes_ms = {k: parts["bytes"] * v / work.bytes for k, v in work.bytes_by_part.items()}
+    return {"ms_per_step": ms, "parts_ms": parts, "bytes_ms": bytes_ms, "steps_in_600s": int(TIME_BUDGET_S * 1e3 / ms),
+            "tokens_seen": int(TIME_BUDGET_S * 1e3 / ms) * TOKENS_PER_STEP,
+            "fwd_flops_per_token": work.matmul_flops + work.flash_flops + work.memory_flops + work.route_flops}
+
+
+def routing_ratios(cli: argparse.Namespace, seq_lens: list[int]) -> dict[int, float]:
+    env = dict(item.split("=", 1) for item in shlex.split(cli.routing_env))
+    paths = sorted(Path(cli.routing_data).glob("fineweb_val_*.bin"))
+    if not paths:
+        raise FatalError(f"no fineweb_val_*.bin in {cli.routing_data}")
+    val = torch.from_numpy(train_gpt.load_data_shard(paths[0], Hyperparameters.vocab_size).astype("int64"))
+    return {T: memory_work_over_ideal(cli.routing, env, T, val[: cli.routing_tokens]) for T in seq_lens}
+
+
+def report(cli: argparse.Namespace, env: dict[str, str]) -> dict:
+    rates = calibrate()
+    seq_lens = sorted({cli.seq_len, 1024, 2048})
+    ratios = routing_ratios(cli, seq_lens) if cli.routing else {}
+    rows = {T: {"default": predict(env, T, rates, ratios.get(T), cli.bf16_body),
+                "baseline": predict(BASELINE_ENV, T, rates, None, True)} for T in seq_lens}
+    return {"rates": rates, "ratios": ratios, "rows": rows}
+
+
+def json_object(cli: argparse.Namespace, env: dict[str, str], result: dict) -> dict:
+    row, T = result["rows"][cli.seq_len], cli.seq_len
+    args = Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(T)})
+    ratio = result["ratios"].get(T, every_chunk_ratio(T, args.mem_chunk, args.mem_topk))
+    return {"seq_len": T, "settings": env,
+            "predicted_ms_per_step": {name: r["ms_per_step"] for name, r in row.items()},
+            "ratio_to_baseline": row["default"]["ms_per_step"] / row["baseline"]["ms_per_step"],
+            "memory_work_over_ideal": {"default": ratio},
+            "memory_work_source": f"routing of {cli.routing}" if cli.routing else "bound: every earlier chunk",
+            "parts_ms": {name: r["parts_ms"] for name, r in row.items()},
+            "steps_in_600s": {name: r["steps_in_600s"] for name, r in row.items()},
+            "calibration": {"flash_flops_s": result["rates"].flash_flops_s, "bytes_s": result["rates"].bytes_s},
+            "bf16_body": cli.bf16_body}
+
+
+def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seq-len", type=int, default=1024, help="sequence length of the --json object")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--bf16-body", action="store_true", help="predict our model with bf16 activations")
+    parser.add_argument("--routing", type=Path, help="a trained artifact whose memory routing sets the kernel's work")
+    parser.add_argument("--routing-env", default="", help="the settings that artifact was trained with, KEY=VALUE ...")
+    parser.add_argument("--routing-data", default=str(ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024"))
+    parser.add_argument("--routing-tokens", type=int, default=131_072, help="val tokens routed (full windows)")
+    cli = parser.parse_args(argv)
+    env = {k: v for k, v in (environ if environ is not None else __import__("os").environ).items()
+           if k.lower() in Hyperparameters.__dataclass_fields__}
+    try:
+        result = report(cli, env)
+    except (FatalError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cli.json:
+        print(json.dumps(json_object(cli, env, result)))
+        return 0
+    rates = result["rates"]
+    print(f"calibration: attention {rates.flash_flops_s / 1e12:.0f} TFLOP/s, bytes {rates.bytes_s / 1e12:.2f} TB/s "
+          f"(eager-count bytes; matmuls at {MATMUL_EFFICIENCY:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s)")
+    print(f"settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}; "
+          f"body {'bf16' if cli.bf16_body else 'fp32'}; memory work: "
+          + (", ".join(f"{r:.2f}x ideal at {T}" for T, r in result["ratios"].items()) if result["ratios"]
+             else "bound (every earlier chunk; no --routing)"))
+    for T, row in result["rows"].items():
+        print(f"\nseq_len {T}")
+        print(f"  {'part (ms/step)':16}" + "".join(f"{name:>12}" for name in row))
+        for part in row["default"]["parts_ms"]:
+            print(f"  {part:16}" + "".join(f"{r['parts_ms'][part]:12.2f}" for r in row.values()))
+        for part in sorted({p for r in row.values() for p in r["bytes_ms"]}):
+            print(f"  {'  bytes: ' + part:16}" + "".join(f"{r['bytes_ms'].get(part, 0.0):12.2f}" for r in row.values()))
+        print(f"  {'total':16}" + "".join(f"{r['ms_per_step']:12.2f}" for r in row.values()))
+        print(f"  {'steps in 600 s':16}" + "".join(f"{r['steps_in_600s']:12,}" for r in row.values()))
+        print(f"  {'tokens seen':16}" + "".join(f"{r['tokens_seen'] / 1e9:11.2f}B" for r in row.values()))
+        print(f"  default / baseline: {row['default']['ms_per_step'] / row['baseline']['ms_per_step']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""bench/cost_model.py: calibrated on the baseline's two step times, the memory kernel's work from its own schedule."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+import cost_model  # noqa: E402
+from train_gpt import Hyperparameters  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def rates():
+    return cost_model.calibrate()
+
+
+def test_calibration_reproduces_both_baseline_step_times(rates):
+    for T, ms in cost_model.BASELINE_MS.items():
+        assert cost_model.predict(cost_model.BASELINE_ENV, T, rates, None, True)["ms_per_step"] == pytest.approx(ms, rel=1e-9)
+    assert 50e12 < rates.flash_flops_s < cost_model.H100_BF16_FLOPS
+
+
+def brute_force_blocks(picked: torch.Tensor, chunk: int) -> int:
+    """Per (batch, head, query tile): the distinct key chunks any query in it picked, plus its own chunk."""
+    B, H, T, _ = picked.shape
+    total = 0
+    for b in range(B):
+        for h in range(H):
+            for tile in range(-(-T // chunk)):
+                rows = picked[b, h, tile * chunk:(tile + 1) * chunk]
+                total += len({int(j) for j in rows.nonzero()[:, 1]} | {tile})
+    return total
+
+
+@pytest.mark.parametrize("T,chunk,topk", [(256, 32, 2), (200, 16, 3), (96, 16, 1)])
+def test_scheduled_blocks_are_the_union_per_query_tile(T, chunk, topk):
+    torch.manual_seed(T)
+    q, k = torch.randn(2, 2, T, 16), torch.randn(2, 1, T, 16)
+    picked = cost_model.chunk_routing(q, k, chunk, topk)
+    executed, ideal = cost_model.scheduled_blocks(picked, chunk, topk)
+    assert executed == brute_force_blocks(picked, chunk)
+    assert ideal == 4 * sum(min(topk, i) + 1 for i in range(-(-T // chunk))) and ideal <= executed
+    shared = picked[:, :, ::chunk].repeat_interleave(chunk, 2)[:, :, :T]  # one choice per tile: exactly ideal
+    shared &= torch.arange(T)[:, None] // chunk > torch.arange(picked.shape[-1])  # still strictly earlier chunks
+    assert cost_model.scheduled_blocks(shared, chunk, topk) == (brute_force_blocks(shared, chunk), ideal) == (ideal, ideal)
+
+
+def test_memory_work_scales_attention_and_the_bound_is_every_earlier_chunk(rates):
+    a = Hyperparameters()
+    assert cost_model.every_chunk_ratio(1024, 64, 4) == pytest.approx(136 / 70)
+    ideal = cost_model.forward_work(a, 1024, 1.0, False)
+    bound = cost_model.forward_work(a, 1024, None, False)
+    assert bound.memory_flops == pytest.approx(ideal.memory_flops * 136 / 70) and ideal.flash_flops == 0
+    blocks = 4 * a.num_heads * a.head_dim * 64 * 64 * 70 * (a.num_layers // a.mem_every) / 1024
+    assert ideal.memory_flops == pytest.approx(blocks)
+    assert cost_model.predict({}, 1024, rates, 1.0, False)["ms_per_step"] < cost_model.predict({}, 1024, rates, None, False)["ms_per_step"]
+
+
+def test_bf16_body_halves_float_activation_bytes_and_strided_inputs_cost_copies():
+    a = Hyperparameters()
+    fp32, bf16 = cost_model.forward_work(a, 1024, 1.0, False), cost_model.forward_work(a, 1024, 1.0, True)
+    assert bf16.bytes < fp32.bytes and bf16.matmul_flops == fp32.matmul_flops
+    assert set(fp32.bytes_by_part) == {"embed", "conv", "memory", "mlp", "block", "other"}
+    u = torch.empty(64, 1024, 2 * 512, device="meta").chunk(2, -1)[0]
+    assert cost_model.strided_copies(u, u.contiguous()) == [u, u]
+
+
+def test_json_object_holds_the_contract(capsys):
+    assert cost_model.main(["--json"], {}) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["predicted_ms_per_step"]) == {"default", "baseline"}
+    assert out["predicted_ms_per_step"]["baseline"] == pytest.approx(43.54)
+    assert out["ratio_to_baseline"] == pytest.approx(out["predicted_ms_per_step"]["default"] / 43.54)
+    assert out["memory_work_over_ideal"]["default"] == pytest.approx(136 / 70)
+    assert out["memory_work_source"] == "bound: every earlier chunk"
+    assert cost_model.main(["--json"], {"MEM_TOPK": "x"}) == 2 and "MEM_TOPK='x'" in capsys.readouterr().err
