@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import hashlib
 import itertools
 import math
 import os
@@ -819,8 +820,23 @@ def quant_plan(model: ConvGPT) -> dict[str, str]:
             for name in model.state_dict()}
 
 
+def code_files() -> list[Path]:
+    """The counted code: the three files beside this one, or the one file tools/pack_code.py packed them into
+    (its loader sets __packed__ before it runs this source)."""
+    here = Path(__file__)
+    return [here] if globals().get("__packed__") else [here.with_name(name) for name in COUNTED_CODE]
+
+
 def code_bytes() -> int:
-    return sum(Path(__file__).with_name(name).stat().st_size for name in COUNTED_CODE)
+    return sum(path.stat().st_size for path in code_files())
+
+
+def code_sha256() -> str:
+    """sha256 of the counted code's bytes, file after file: tools/check_record.py matches a record's code with it."""
+    digest = hashlib.sha256()
+    for path in code_files():
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
 
 
 def export_artifact(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> None:
@@ -1040,6 +1056,7 @@ def run(env: Mapping[str, str]) -> None:
         log(warning)
     for key, value in sorted(asdict(args).items()):
         log(f"hp {key}:{value}")
+    log(f"code bytes_code:{code_bytes()} sha256:{code_sha256()} files:{','.join(p.name for p in code_files())}")
     name = torch.cuda.get_device_name(d.device) if d.device.type == "cuda" else "cpu"
     log(f"world_size:{d.world_size} grad_accum:{d.grad_accum} device:{d.device} device_name:{name.replace(' ', '_')} "
         f"torch:{torch.__version__} triton:{triton.__version__} cuda:{torch.version.cuda}")

@@ -295,14 +295,19 @@ def test_checker_fails_train_time_over_600s(record: Path, tmp_path: Path, capsys
 
 
 @pytest.mark.slow
-def test_checker_fails_code_edited_after_the_run(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    folder = copy_record(record, tmp_path)
-    with (folder / "convgpt_ops.py").open("a") as f:
-        f.write("\n")
+@pytest.mark.parametrize("edit", ["append", "same size"])  # "same size": a path with a space, too
+def test_checker_fails_code_edited_after_the_run(record: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                 edit: str) -> None:
+    folder = copy_record(tmp_path=tmp_path / edit, record=record)
+    path = folder / "convgpt_ops.py"
+    text = path.read_text()
+    at = text.index('"""') + 3  # same size: the docstring's first letter, case swapped
+    path.write_text(text + "\n" if edit == "append" else text[:at] + text[at].swapcase() + text[at + 1:])
+    assert (path.stat().st_size == len(text.encode())) == (edit == "same size")
     rc, out = check(folder, capsys)
-    assert rc == 1
+    assert rc == 1, out
     [line] = fail_lines(out)
-    assert line.startswith("fail: code bytes: the code files here are") and "code was edited after the run" in line
+    assert line.startswith("fail: code: code in") and "is not the code of" in line and "code was edited after the run" in line
 
 
 @pytest.mark.slow

@@ -7,14 +7,16 @@ Runbook
 
 Prints one `ok: <check>: ...` or `fail: <check>: ...` line per check, then `verdict: ...`; exit 0 when every check
 passes, 1 otherwise (2 for bad arguments). The checks:
-  files         README.md, submission.json, train_gpt.py, convgpt_ops.py, quantize.py and >= 1 *.log are present
+  files         README.md, submission.json, train_gpt.py, convgpt_ops.py, quantize.py (or one train_gpt.py packed
+                by tools/pack_code.py) and >= 1 *.log are present
   logs          every *.log is one finished training run, named train_seed<SEED>.log after its `hp seed`, and the
                 seeds are exactly submission.json's `seeds`
-  config        the seeds share every setting except seed/run_id/paths, and hardware, torch, val set, bytes_code
+  config        the seeds share every setting except seed/run_id/paths, and hardware, torch, val set, code
   submission    every field of submission.json equals its recomputation from the logs (tools/make_record.py's
                 derived_fields); name = folder name, track = parent folder, date = the name's date prefix
   size          each log's bytes_total = bytes_model + bytes_code <= 16,000,000, and submission bytes_total <= cap
-  code bytes    bytes_code (submission and every log) = the sizes of the three code files in this folder
+  code          every log's `code` line (bytes_code and sha256) and the submission's bytes_code match the code
+                files in this folder
   train time    stopping_early train_time <= 600 s per seed (10min_16mb track only)
   self-contained  `python -c "import train_gpt, convgpt_ops, quantize"` with cwd = the folder, PYTHONPATH unset,
                 imports all three from the folder (no bytecode written)
@@ -47,8 +49,9 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.make_record import (CODE_FILES, DATE_PREFIX_RE, LIMIT_BYTES, TRACK_DIRS, TRAIN_LIMIT_MS,  # noqa: E402
-                               consistency_problem, derived_fields, log_name)
+from tools.make_record import (DATE_PREFIX_RE, LIMIT_BYTES, TRACK_DIRS, TRAIN_LIMIT_MS, RecordError,  # noqa: E402
+                               code_mismatch, code_sha256, code_sizes, consistency_problem, counted_code,
+                               derived_fields, log_name)
 from tools.runlog import RunLog, read_log  # noqa: E402
 
 REQUIRED_FIELDS = ("author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "bytes_total",
@@ -186,7 +189,11 @@ class RecordChecker:
     # each check returns its ok message or raises CheckFailed
     def check_files(self) -> str:
         logs = sorted(p.name for p in self.folder.glob("*.log"))
-        missing = [f for f in ("README.md", "submission.json", *CODE_FILES) if not (self.folder / f).is_file()]
+        try:
+            code = counted_code(self.folder)
+        except RecordError as e:
+            raise CheckFailed(str(e)) from None
+        missing = [f for f in ("README.md", "submission.json") if not (self.folder / f).is_file()]
         if not logs:
             missing.append("a train log (*.log)")
         if missing:
@@ -199,7 +206,7 @@ class RecordChecker:
         if absent:
             raise CheckFailed(f"submission.json lacks {', '.join(absent)}")
         self.sub = sub
-        return f"README.md, submission.json, {', '.join(CODE_FILES)}, {len(logs)} log(s)"
+        return f"README.md, submission.json, {', '.join(code)}{' (packed)' if len(code) == 1 else ''}, {len(logs)} log(s)"
 
     def check_logs(self) -> str:
         sub = self._sub()
@@ -268,18 +275,16 @@ class RecordChecker:
             raise CheckFailed(f"submission bytes_total {sub['bytes_total']} > {LIMIT_BYTES:,}")
         return f"bytes_total {sub['bytes_total']:,} <= {LIMIT_BYTES:,} (max over seeds)"
 
-    def check_code_bytes(self) -> str:
+    def check_code(self) -> str:
         sub, runs = self._sub(), self._runs()
-        sizes = {f: (self.folder / f).stat().st_size for f in CODE_FILES}
-        total = sum(sizes.values())
-        parts = " + ".join(f"{f} {n}" for f, n in sizes.items())
-        for run in runs:
-            if run.sizes.code != total:
-                raise CheckFailed(f"the code files here are {total} bytes ({parts}) but {Path(run.source).name} reports "
-                                  f"bytes_code:{run.sizes.code}: the code was edited after the run, or is not its code")
+        problem = code_mismatch(self.folder, runs)
+        if problem:
+            raise CheckFailed(f"{problem}: the code was edited after the run, or is not its code")
+        sizes = code_sizes(self.folder)
+        total, parts = sum(sizes.values()), " + ".join(f"{f} {n}" for f, n in sizes.items())
         if sub["bytes_code"] != total:
             raise CheckFailed(f"submission bytes_code {sub['bytes_code']} != {total} ({parts})")
-        return f"bytes_code {total} = {parts}"
+        return f"bytes_code {total} = {parts}, sha256 {code_sha256(self.folder)[:12]} as logged"
 
     def check_train_time(self) -> str:
         runs = self._runs()
@@ -305,7 +310,7 @@ class RecordChecker:
             last = (proc.stderr.strip().splitlines() or ["(no stderr)"])[-1]
             raise CheckFailed(f"`python -c 'import train_gpt, convgpt_ops, quantize'` in the folder failed: {last}")
         here = self.folder.resolve()
-        outside = [f for f in proc.stdout.split() if Path(f).resolve().parent != here]
+        outside = [f for f in proc.stdout.splitlines() if Path(f.split("!/")[0]).resolve().parent != here]  # packed: file!/name
         if outside:
             raise CheckFailed(f"imported from outside the folder: {outside[0]}")
         return "train_gpt, convgpt_ops and quantize import from the folder alone"
@@ -337,7 +342,7 @@ class RecordChecker:
 
     def checks(self) -> list[tuple[str, Callable[[], str]]]:
         out = [("files", self.check_files), ("logs", self.check_logs), ("config", self.check_config),
-               ("submission", self.check_submission), ("size", self.check_size), ("code bytes", self.check_code_bytes),
+               ("submission", self.check_submission), ("size", self.check_size), ("code", self.check_code),
                ("train time", self.check_train_time), ("self-contained", self.check_self_contained)]
         if self.previous_bpb is not None or self.previous_loss is not None:
             out.append(("record claim", self.check_claim))

@@ -10,7 +10,8 @@ Runbook
   python tools/check_record.py records/track_10min_16mb/2026-11-21_ConvGPT_v2 --previous-bpb 1.0565
 
 What it writes to records/track_<track>/<name>/ (track 10min_16mb, or non_record -> track_non_record_16mb/):
-  train_gpt.py convgpt_ops.py quantize.py    copied from the repo root (or --code-dir)
+  train_gpt.py convgpt_ops.py quantize.py    copied from the repo root (or --code-dir); from a --code-dir that
+                                             tools/pack_code.py made, its one packed train_gpt.py
   train_seed<SEED>.log                       each log, verbatim
   submission.json                            every number parsed from the logs (see build_submission)
   README.md                                  skeleton: results per seed, reproduce command, size accounting, TODO
@@ -18,9 +19,9 @@ What it writes to records/track_<track>/<name>/ (track 10min_16mb, or non_record
 It refuses (exit 1, `error: ...` on stderr, nothing written) when:
   * a log did not finish, holds several runs, or is not a training run;
   * two logs have the same seed, or the logs differ in settings other than seed/run_id/paths, in hardware,
-    torch version, validation set or code size;
-  * the code files' total size differs from the logs' bytes_code (the logs did not come from this code; a
-    same-size edit cannot be detected this way);
+    torch version, validation set or code;
+  * the code files' total size or sha256 differs from the logs' `code` line (the logs did not come from this
+    code);
   * an artifact is over its limit, or (10min_16mb track) a run trained for more than 600 s;
   * the record folder exists (pass --force to replace it).
 """
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import ast
 import datetime as dt
+import hashlib
 import json
 import math
 import re
@@ -44,6 +46,7 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from tools.pack_code import MARKER as PACKED_MARKER  # noqa: E402
 from tools.runlog import RunLog, read_log  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +105,8 @@ def consistency_problem(runs: Sequence[RunLog]) -> str | None:
             return f"logs {first.source} and {run.source} differ in settings ({diffs}): one record is one configuration"
         for what, a, b in (("hardware", first.hardware, run.hardware), ("torch", first.torch_version, run.torch_version),
                            ("val_tokens", first.val_tokens, run.val_tokens),
-                           ("bytes_code", first.sizes.code, run.sizes.code)):
+                           ("bytes_code", first.sizes.code, run.sizes.code),
+                           ("code sha256", first.code_sha256, run.code_sha256)):
             if a != b:
                 return f"logs {first.source} and {run.source} differ in {what} ({a} vs {b})"
     return None
@@ -176,19 +180,47 @@ def record_date(name: str, date: str | None) -> str:
     return iso
 
 
-def code_sizes(code_dir: Path) -> dict[str, int]:
+def counted_code(code_dir: Path) -> tuple[str, ...]:
+    """The code files a run from code_dir counts: train_gpt.py alone when tools/pack_code.py packed it, else all
+    three (RecordError naming the missing ones)."""
+    packed = code_dir / "train_gpt.py"
+    if packed.is_file() and packed.read_text(encoding="utf-8", errors="replace").startswith(PACKED_MARKER):
+        return ("train_gpt.py",)
     missing = [f for f in CODE_FILES if not (code_dir / f).is_file()]
     if missing:
         raise RecordError(f"code file(s) {', '.join(missing)} missing in {code_dir}")
-    return {f: (code_dir / f).stat().st_size for f in CODE_FILES}
+    return CODE_FILES
 
 
-def check_code_matches(sizes: dict[str, int], bytes_code: int, code_dir: Path) -> None:
-    total = sum(sizes.values())
-    if total != bytes_code:
-        parts = " + ".join(f"{f} {n}" for f, n in sizes.items())
-        raise RecordError(f"code in {code_dir} is {total} bytes ({parts}) but the logs report bytes_code:{bytes_code}: "
-                          f"the logs did not come from this code (pass --code-dir with the code that ran)")
+def code_sizes(code_dir: Path) -> dict[str, int]:
+    return {f: (code_dir / f).stat().st_size for f in counted_code(code_dir)}
+
+
+def code_sha256(code_dir: Path) -> str:
+    """sha256 of the counted files' bytes, in order: what train_gpt.py logs in its `code` line."""
+    digest = hashlib.sha256()
+    for f in counted_code(code_dir):
+        digest.update((code_dir / f).read_bytes())
+    return digest.hexdigest()
+
+
+def code_mismatch(code_dir: Path, runs: Sequence[RunLog]) -> str | None:
+    """Why the logs did not come from the code in code_dir (size and sha256 of the `code` line), or None."""
+    sizes = code_sizes(code_dir)
+    parts = " + ".join(f"{f} {n}" for f, n in sizes.items())
+    for run in runs:
+        if run.code_sha256 is None:
+            return f"log {run.source} has no `code` line (a trainer older than the sha256 check): its code cannot be verified"
+        if sum(sizes.values()) != run.sizes.code or code_sha256(code_dir) != run.code_sha256:
+            return (f"code in {code_dir} ({parts}, sha256 {code_sha256(code_dir)[:12]}) is not the code of {run.source} "
+                    f"(bytes_code:{run.sizes.code}, sha256 {run.code_sha256[:12]})")
+    return None
+
+
+def check_code_matches(code_dir: Path, runs: Sequence[RunLog]) -> None:
+    problem = code_mismatch(code_dir, runs)
+    if problem:
+        raise RecordError(f"{problem}: the logs did not come from this code (pass --code-dir with the code that ran)")
 
 
 def check_limits(runs: Sequence[RunLog], track: str) -> None:
@@ -293,8 +325,8 @@ def package(log_paths: Sequence[str | Path], *, name: str, track: str, author: s
         if not value.strip():
             raise RecordError(f"--{field_name} is empty")
     runs = load_runs(log_paths)
+    check_code_matches(code_dir, runs)
     sizes = code_sizes(code_dir)
-    check_code_matches(sizes, runs[0].sizes.code, code_dir)
     check_limits(runs, track)
     target = records_dir / TRACK_DIRS[track] / name
     if target.exists() and not force:
@@ -304,9 +336,9 @@ def package(log_paths: Sequence[str | Path], *, name: str, track: str, author: s
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=target.parent))
     try:
-        for f in CODE_FILES:
+        for f in sizes:
             shutil.copyfile(code_dir / f, staging / f)
-        check_code_matches(code_sizes(staging), runs[0].sizes.code, code_dir)  # the copy, not just the source
+        check_code_matches(staging, runs)  # the copy, not just the source
         for run in runs:
             shutil.copyfile(run.source, staging / log_name(run.seed))
         (staging / "submission.json").write_text(json.dumps(sub, indent=2) + "\n")

@@ -10,6 +10,7 @@ Runbook
 The log is a sequence of `key:value` lines written by rank 0 (see README.md, "Output"):
   hp <field>:<value>                     one per setting (values kept as the strings the trainer printed)
   warning: ...
+  code bytes_code:C sha256:H files:F[,F...]   the counted code (plain files, or the packed train_gpt.py)
   world_size:W grad_accum:G device:D device_name:N torch:V
   val_tokens:T
   model_params:P block_matrix_params:B compile:C triton:K
@@ -94,6 +95,8 @@ class RunLog:
     val_tokens: int | None = None
     model_params: int | None = None
     warmup_ms: float | None = None
+    code_sha256: str | None = None  # the `code` line: sha256 of the counted code (train_gpt.code_sha256)
+    code_files: tuple[str, ...] = ()
     train: list[TrainPoint] = field(default_factory=list)
     val: list[ValPoint] = field(default_factory=list)
     stop: Stop | None = None
@@ -195,6 +198,8 @@ def parse_log(text: str, source: str = "<text>", *, require_finished: bool = Tru
                 run.val_tokens = int(kv["val_tokens"])
             elif first.startswith("model_params:"):
                 run.model_params = int(kv["model_params"])
+            elif tags and tags[0] == "code":
+                run.code_sha256, run.code_files = kv["sha256"], tuple(kv["files"].split(","))
             elif first.startswith("warmup_steps:"):
                 run.warmup_ms = _ms(kv["warmup_time"])
             elif first.startswith("step:") and "train_loss" in kv:
