@@ -345,7 +345,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"calibration: attention {rates.flash_flops_s / 1e12:.0f} TFLOP/s, bytes {rates.bytes_s / 1e12:.2f} TB/s "
           f"(eager-count bytes; matmuls at {MATMUL_EFFICIENCY:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s)")
     print(f"settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}; "
-          f"body {'bf16' if cli.bf16_body else 'fp32'}; memory work: "
+          f"activations {'all bf16' if cli.bf16_body else 'as CUDA autocast makes them'}; memory work: "
           + (", ".join(f"{r:.2f}x ideal at {T}" for T, r in result["ratios"].items()) if result["ratios"]
              else "bound (every earlier chunk; no --routing)"))
     for T, row in result["rows"].items():
