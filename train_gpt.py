@@ -1084,6 +1084,8 @@ def run(env: Mapping[str, str]) -> None:
 def main() -> None:
     try:
         run(os.environ)
+        if dist.is_initialized():
+            dist.barrier()  # no rank tears gloo down while another is still in a collective (an abort at exit)
     except FatalError as e:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {e}", file=sys.stderr, flush=True)

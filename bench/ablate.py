@@ -219,27 +219,43 @@ def table(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], cl
     return rows
 
 
-def plot_curves(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], out: Path, title: str) -> None:
-    """Validation bpb against step, the mean over seeds of each configuration (the live model's plain score at
-    every VAL_LOSS_EVERY step), with the final sliding-window score of the EMA artifact as a star."""
+def mean_curve(runs: list[tuple[RunLog | str, RunLog | str | None]]) -> tuple[list[int], list[float]] | None:
+    """(steps, mean val_bpb over seeds) at the validation steps every finished seed logged, or None."""
+    ok = [r for r, _ in runs if isinstance(r, RunLog) and r.val]
+    if not ok:
+        return None
+    steps = sorted(set.intersection(*({p.step for p in r.val} for r in ok)))
+    return steps, [statistics.fmean(p.val_bpb for r in ok for p in r.val if p.step == s) for s in steps]
+
+
+def plot_curves(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], out: Path, title: str,
+                reference: str) -> None:
+    """Left: validation bpb against step, the mean over seeds of each configuration (the live model's plain score at
+    every VAL_LOSS_EVERY step), with the final headline score of the EMA int6 artifact as a star. Right: the same
+    minus the reference's, at each step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 6))
+    fig, (ax, diff) = plt.subplots(1, 2, figsize=(15, 6))
+    ref = mean_curve(results.get(reference, []))
     for i, (name, runs) in enumerate(results.items()):
-        ok = [r for r, _ in runs if isinstance(r, RunLog) and r.val]
-        if not ok:
+        curve, ok = mean_curve(runs), [r for r, _ in runs if isinstance(r, RunLog)]
+        if curve is None:
             continue
-        steps = sorted(set.intersection(*({p.step for p in r.val} for r in ok)))
-        bpb = [statistics.fmean(p.val_bpb for r in ok for p in r.val if p.step == s) for s in steps]
         colour = plt.get_cmap("tab10")(i % 10)
-        ax.plot(steps, bpb, color=colour, marker="o", ms=3, lw=1.2, label=f"{name} ({len(ok)} seeds)")
+        ax.plot(*curve, color=colour, marker="o", ms=3, lw=1.2, label=f"{name} ({len(ok)} seeds)")
         ax.plot([ok[0].stopped.steps], [statistics.fmean(r.score.val_bpb for r in ok)], color=colour, marker="*", ms=12)
-    ax.set(xlabel="step", ylabel="val_bpb (dots: live model, plain windows; star: final EMA int6, headline)", title=title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+        if ref is not None:
+            at = dict(zip(*ref))
+            steps = [s for s in curve[0] if s in at]
+            diff.plot(steps, [b - at[s] for s, b in zip(*curve) if s in at], color=colour, marker="o", ms=3, label=name)
+    ax.set(xlabel="step", ylabel="val_bpb (dots: live model, plain windows; star: final headline)", title=title)
+    diff.set(xlabel="step", ylabel=f"val_bpb minus {reference}'s (mean over seeds)", title=f"difference to {reference}")
+    for a in (ax, diff):
+        a.grid(alpha=0.3)
+        a.legend()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -303,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             results[futures[future]].append(future.result())
             write_results(cli, argv, results, mflops, val_source)
             if cli.plot:
-                plot_curves({k: v for k, v in results.items() if v}, cli.plot, f"{cli.scale} scale, {cli.out.stem}")
+                plot_curves({k: v for k, v in results.items() if v}, cli.plot, f"{cli.scale} scale, {cli.out.stem}", cli.reference)
     print(cli.out.read_text())
     return 0 if any(isinstance(r, RunLog) for runs in results.values() for r, _ in runs) else 1
 

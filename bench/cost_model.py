@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 from dataclasses import dataclass, replace
@@ -331,7 +332,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     parser.add_argument("--routing-data", default=str(ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024"))
     parser.add_argument("--routing-tokens", type=int, default=131_072, help="val tokens routed (full windows)")
     cli = parser.parse_args(argv)
-    env = {k: v for k, v in (environ if environ is not None else __import__("os").environ).items()
+    env = {k: v for k, v in (os.environ if environ is None else environ).items()
            if k.lower() in Hyperparameters.__dataclass_fields__}
     try:
         result = report(cli, env)
