@@ -72,9 +72,10 @@ SEQ_DOUBLED = {"train_seq_x2": ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN"), "eval_seq_x2":
 SCALES: dict[str, dict[str, str]] = {
     "golf": {},  # the trainer's defaults: d = 512, 9 layers, seq 1024
     # golf sequence geometry (seq 1024, 16 chunks of 64, top-4), narrow and shallow: 5 layers keep the default
-    # pattern's share of memory blocks (2 of 5; golf 4 of 9), and 300 steps take ~8.5 min on 2 cores (2.9 s/step at
-    # one thread, two runs at once); 8 sequences per step is the least at seq 1024 (8 micro-batches of one sequence);
-    # sliding stride 256 (golf 64) keeps evaluation at a quarter of the cost with >= 768 tokens of context per target
+    # pattern's share of memory blocks (2 of 5; golf 4 of 9); two runs at once on 2 cores take 2.9-3.1 s/step each,
+    # so a pair of 300-step runs takes ~18 min with evaluation (~9 min per run); 8 sequences per step is the least
+    # at seq 1024 (8 micro-batches of one sequence); sliding stride 256 (golf 64) keeps evaluation at a quarter of
+    # the cost with >= 768 tokens of context per target
     "proxy": {"NUM_LAYERS": "5", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "1024",
               "EVAL_SEQ_LEN": "1024", "EVAL_STRIDE": "256", "TRAIN_BATCH_TOKENS": "8192", "MEM_CHUNK": "64",
               "MEM_TOPK": "4", "ITERATIONS": "300", "WARMDOWN_ITERS": "180", "WARMUP_STEPS": "2",
