@@ -23,7 +23,7 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
      3, the dk/dv kernel 4); bytes 3x (the backward reads what the forward saved and writes gradients).
   3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
        matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
-       + routing FLOPs / fp32 peak + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
+       + routing FLOPs / matmul rate + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
   4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, bf16 body, seq 1024): the seq 2048 step
      differs from the seq 1024 step only in attention FLOPs per token, so (51.9 - 43.54) ms gives the attention
      rate. The rest of the 43.54 ms, after matmuls at the assumed efficiency, gives the byte rate (it absorbs
@@ -33,9 +33,11 @@ Assumptions that could be wrong, each a named constant below:
   * MATMUL_EFFICIENCY 0.6 of bf16 peak for K = 512 matmuls; a lower value moves time from bytes to matmuls.
   * The chunk memory kernel runs at FlashAttention's calibrated rate. It is younger code: likely slower.
   * Our model fuses as well as the baseline under torch.compile (one byte rate for both).
-  * BODY_BYTES: the baseline's activations are bf16 (2 bytes), ours fp32 (4 bytes) outside the matmuls, until the
-    bf16 body (issue 12) lands (--bf16-body predicts it).
-  * Routing is fp32 (q.float() @ mean keys) and runs on the CUDA cores, not the tensor cores.
+  * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes). The baseline keeps its parameters in
+    bf16, so its residual stream is bf16 and its norms, softcap and loss fp32. Ours keeps fp32 parameters, so its
+    residual stream and branch scales are fp32. --bf16-body predicts ours with bf16 parameters (issue 12 item 3).
+  * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
+    gradient. Its bytes, and the schedule's, get the 3x training factor like everything else (a small overcount).
 """
 
 from __future__ import annotations
@@ -62,28 +64,25 @@ from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
 
 H100_BF16_FLOPS = 989e12  # H100 SXM5 dense bf16 tensor-core peak, NVIDIA datasheet
-H100_FP32_FLOPS = 67e12  # H100 SXM5 fp32 CUDA-core peak, NVIDIA datasheet
 NVLINK_BYTES_S = 450e9  # H100 NVLink 4, per direction per GPU (900 GB/s both ways), NVIDIA datasheet
 MATMUL_EFFICIENCY = 0.6  # assumed share of bf16 peak for [65536 x 512] @ [512 x N] matmuls
 BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHALLENGE.md, issue 12)
 GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
 TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 4.5, "bytes": 3.0}  # training work / forward work
-BF16_BYTES = 2
 BASELINE_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all", "MLP_MULT": "2", "MLP_ACT": "relu2",
                 "BIGRAM_BUCKETS": "0", "SMEAR_GATE": "0"}  # every block attention: the baseline's transformer
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 
 
 class ByteCounter(TorchDispatchMode):
-    """Bytes read plus written by every non-matmul, non-view, non-factory aten op; with bf16_body, every
-    activation at 2 bytes (the baseline's policy), else at the dtype it has."""
+    """Bytes read plus written by every non-matmul, non-view, non-factory aten op, at the dtypes they have."""
 
-    def __init__(self, bf16_body: bool):
+    def __init__(self):
         super().__init__()
-        self.bf16_body, self.labels, self.by_part = bf16_body, ["other"], {}
+        self.labels, self.by_part = ["other"], {}
 
     def add(self, *tensors: torch.Tensor) -> None:
-        size = sum(t.numel() * (BF16_BYTES if self.bf16_body and t.is_floating_point() else t.element_size()) for t in tensors)
+        size = sum(t.numel() * t.element_size() for t in tensors)
         self.by_part[self.labels[-1]] = self.by_part.get(self.labels[-1], 0) + size
 
     def label(self, module: torch.nn.Module, name: str) -> None:
@@ -155,9 +154,10 @@ def every_chunk_ratio(seq_len: int, chunk: int, topk: int) -> float:
 
 
 def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_body: bool) -> Work:
-    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes (bf16_body: every activation
-    bf16); work_over_ideal None = every earlier chunk (the bound)."""
-    T, counter = seq_len, ByteCounter(bf16_body)
+    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes; bf16_body: every parameter bf16,
+    as the baseline keeps its body, so the residual stream and what follows from it are bf16 too.
+    work_over_ideal None = every earlier chunk (the bound)."""
+    T, counter = seq_len, ByteCounter()
     args = replace(args, train_seq_len=T, eval_seq_len=0)
     flops = count_forward_flops(args, T)
     attn = {"flash": 0.0, "memory": 0.0}
@@ -168,7 +168,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         if topk >= (T - 1) // chunk:
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
-        with torch.no_grad():
+        with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
             _schedule(chunk_routing(q, k, chunk, topk), chunk)
         ratio = work_over_ideal if work_over_ideal is not None else every_chunk_ratio(T, chunk, topk)
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
@@ -180,7 +180,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
 
     model = train_gpt.ConvGPT(args)
     train_gpt.set_triton(model, True)
-    model = model.to("meta")
+    model = model.to("meta", torch.bfloat16 if bf16_body else torch.float32)
     if model.bigram is not None:
         counter.label(model.bigram, "embed")
     for block in model.blocks:
@@ -224,7 +224,7 @@ def step_ms(work: Work, args: Hyperparameters, rates: Rates) -> dict[str, float]
         "matmul": 1e3 * tokens * TRAIN_X["matmul"] * work.matmul_flops / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),
         "attention": 1e3 * tokens * (TRAIN_X["flash"] * work.flash_flops + TRAIN_X["memory"] * work.memory_flops)
         / rates.flash_flops_s,
-        "routing": 1e3 * tokens * TRAIN_X["matmul"] * work.route_flops / H100_FP32_FLOPS,
+        "routing": 1e3 * tokens * work.route_flops / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),  # no_grad: no backward
         "bytes": 1e3 * tokens * TRAIN_X["bytes"] * work.bytes / rates.bytes_s,
         "optimizer": 1e3 * muon_flops(args) / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),
         "all_reduce": 1e3 * ring * (4 * work.params + 2 * work.matrix_params),
@@ -310,12 +310,14 @@ def report(cli: argparse.Namespace, env: dict[str, str]) -> dict:
 def json_object(cli: argparse.Namespace, env: dict[str, str], result: dict) -> dict:
     row, T = result["rows"][cli.seq_len], cli.seq_len
     args = Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(T)})
-    ratio = result["ratios"].get(T, every_chunk_ratio(T, args.mem_chunk, args.mem_topk))
+    sparse = args.mem_every > 0 and args.mem_topk < (T - 1) // args.mem_chunk
+    ratio = result["ratios"].get(T, every_chunk_ratio(T, args.mem_chunk, args.mem_topk)) if sparse else None
     return {"seq_len": T, "settings": env,
             "predicted_ms_per_step": {name: r["ms_per_step"] for name, r in row.items()},
             "ratio_to_baseline": row["default"]["ms_per_step"] / row["baseline"]["ms_per_step"],
             "memory_work_over_ideal": {"default": ratio},
-            "memory_work_source": f"routing of {cli.routing}" if cli.routing else "bound: every earlier chunk",
+            "memory_work_source": None if not sparse else f"routing of {cli.routing}" if cli.routing
+            else "bound: every earlier chunk",
             "parts_ms": {name: r["parts_ms"] for name, r in row.items()},
             "steps_in_600s": {name: r["steps_in_600s"] for name, r in row.items()},
             "calibration": {"flash_flops_s": result["rates"].flash_flops_s, "bytes_s": result["rates"].bytes_s},
@@ -346,7 +348,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"calibration: attention {rates.flash_flops_s / 1e12:.0f} TFLOP/s, bytes {rates.bytes_s / 1e12:.2f} TB/s "
           f"(eager-count bytes; matmuls at {MATMUL_EFFICIENCY:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s)")
     print(f"settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}; "
-          f"activations {'all bf16' if cli.bf16_body else 'as CUDA autocast makes them'}; memory work: "
+          f"body {'bf16 (as the baseline)' if cli.bf16_body else 'fp32 parameters, CUDA autocast dtypes'}; memory work: "
           + (", ".join(f"{r:.2f}x ideal at {T}" for T, r in result["ratios"].items()) if result["ratios"]
              else "bound (every earlier chunk; no --routing)"))
     for T, row in result["rows"].items():
