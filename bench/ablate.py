@@ -16,7 +16,8 @@ Every run is `train_gpt.py` in a subprocess (one process; `--nproc N` uses torch
 scale, then the configuration's, then `--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS
 (--seconds), or ITERATIONS with no wallclock cap (--steps). `--jobs J` runs J trainings at once with
 OMP_NUM_THREADS = cores / J; their tokens/s then share the machine and compare only within one table. Logs and
-artifacts land in --work; --resume reuses a finished log there whose hyperparameters match exactly. --eval-at L
+artifacts land in --work; --resume reuses a finished log there whose hyperparameters and world size match (not
+the code: use a fresh --work after a change to what training computes). --eval-at L
 re-scores each artifact at EVAL_SEQ_LEN=L (EVAL_ONLY=1). The proxy scale scores a fixed val slice that it writes
 to --work. fwd MFLOP/tok is bench/flops.py's count. The markdown file is rewritten after every finished run; it
 names the date, the hardware (from the logs), the command and the data; a failed run becomes a row with its error
@@ -117,32 +118,33 @@ def prepare_data(cli: argparse.Namespace) -> None:
         raise SystemExit(f"error: {source} holds {val.size} val tokens; the {cli.scale} scale scores the first {n + 1}")
     folder = cli.work / f"data_val{n}"
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("fineweb_train_*.bin"):  # links from an earlier --data, broken ones too
+        stale.unlink()
     for shard in sorted(source.glob("fineweb_train_*.bin")):
-        link = folder / shard.name
-        if not link.exists():
-            link.symlink_to(shard.resolve())
+        (folder / shard.name).symlink_to(shard.resolve())
     write_shard(folder / "fineweb_val_000000.bin", val[:n + 1])
     cli.data = str(folder)
 
 
-def reusable(path: Path, env: dict[str, str]) -> RunLog | None:
-    """With --resume: the finished log of an earlier run with exactly these hyperparameters, else None."""
+def reusable(path: Path, env: dict[str, str], world_size: int) -> RunLog | None:
+    """With --resume: the finished log of an earlier run with exactly these hyperparameters and world size, else
+    None. The code is not compared: after a change to what training computes, use a fresh --work."""
     try:
-        run = parse_log(path.read_text(), path.stem)
+        run = parse_log(path.read_text(), str(path))
         expected = {key: str(value) for key, value in asdict(Hyperparameters.from_env(env)).items()}
     except (OSError, ValueError, FatalError):
         return None
-    return run if run.hp == expected else None
+    return run if run.hp == expected and run.world_size == world_size else None
 
 
-def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace) -> RunLog | str:
-    """One train_gpt.py process (reused from its log with --resume); its parsed log, or why it failed."""
+def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace, reuse: bool) -> RunLog | str:
+    """One train_gpt.py process (reused from its log when reuse); its parsed log, or why it failed."""
     full = {**os.environ, **env, "RUN_ID": run_id}
     if cli.jobs > 1:
         full["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cli.jobs))
     full |= {k: v for k, v in (("DATA_PATH", cli.data), ("TOKENIZER_PATH", cli.tokenizer)) if v}
     log_path = cli.work / "logs" / f"{run_id}.txt"
-    if cli.resume and (done := reusable(log_path, full)) is not None:
+    if reuse and (done := reusable(log_path, full, cli.nproc)) is not None:
         print(f"ablate {run_id} reused:{log_path}", flush=True)
         return done
     log_path.unlink(missing_ok=True)  # the trainer appends to its log
@@ -163,10 +165,12 @@ def run_one(name: str, seed: int, cli: argparse.Namespace) -> tuple[RunLog | str
     budget = {"ITERATIONS": str(cli.steps), "MAX_WALLCLOCK_SECONDS": "0"} if cli.steps else \
         {"MAX_WALLCLOCK_SECONDS": str(cli.seconds)}
     env = {**settings(name, cli), **budget, "SEED": str(seed), "ARTIFACT_PATH": str(cli.work / f"{run_id}.ptz")}
-    trained = launch(run_id, env, cli)
+    trained = launch(run_id, env, cli, cli.resume)
     if not cli.eval_at or name not in cli.eval_configs or not isinstance(trained, RunLog):
         return trained, None
-    return trained, launch(f"{run_id}_eval{cli.eval_at}", {**env, "EVAL_ONLY": "1", "EVAL_SEQ_LEN": str(cli.eval_at)}, cli)
+    reused = trained.source != run_id  # a reused log's source is its path; retrained, the artifact is new
+    return trained, launch(f"{run_id}_eval{cli.eval_at}", {**env, "EVAL_ONLY": "1", "EVAL_SEQ_LEN": str(cli.eval_at)},
+                           cli, reused)
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

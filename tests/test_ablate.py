@@ -102,6 +102,9 @@ def test_proxy_scale_needs_data_and_writes_one_validation_slice(tmp_path, capsys
     write_shard(src / "fineweb_val_000000.bin", np.arange(100_000, dtype=np.uint32) % 1000)
     write_shard(src / "fineweb_val_000001.bin", np.full(40_000, 7))
     cli = ablate.parse_args(proxy_args(tmp_path, src))
+    stale = tmp_path / "work" / "data_val131072" / "fineweb_train_000009.bin"  # from an earlier --data, now broken
+    stale.parent.mkdir(parents=True)
+    stale.symlink_to(tmp_path / "gone.bin")
     ablate.prepare_data(cli)
     folder = Path(cli.data)
     assert folder == tmp_path / "work" / "data_val131072"
@@ -147,3 +150,7 @@ def test_eval_at_resume_and_plot(smoke_data, tmp_path, capsys):
     assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "work" / "logs").glob("*.txt")} == logs
     assert ablate.main([*args, "--resume", "--env=MLP_MULT=3"]) == 0  # other settings: trained again
     assert " reused:" not in capsys.readouterr().out
+    (tmp_path / "work" / "logs" / "default_seed1.txt").unlink()  # retrained: its eval log must not be reused either
+    assert ablate.main([*args, "--resume", "--env=MLP_MULT=3"]) == 0
+    out = capsys.readouterr().out
+    assert "default_seed1 exit:0" in out and "default_seed1_eval128 exit:0" in out and "dense_seed1 reused:" in out
