@@ -5,7 +5,7 @@ Runbook
   python bench/cost_model.py --routing proxy.ptz --routing-env "NUM_LAYERS=5 MODEL_DIM=128 NUM_HEADS=2 NUM_KV_HEADS=1"
                                                                  # memory work measured on a trained model's routing
   MEM_TOPK=8 python bench/cost_model.py --json                   # one JSON object (settings from the environment)
-  python bench/cost_model.py --bf16-body                         # the prediction with activations in bf16
+  python bench/cost_model.py --bf16-body                         # the prediction with bf16 parameters (the baseline's body)
 
 This is a model, not a measurement: a GPU step time replaces it (bench/gpu_preflight.py). What it does:
   1. Work per token, per component, from one meta-device forward (nothing is computed):
@@ -24,10 +24,11 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
   3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
        matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
        + routing FLOPs / matmul rate + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
-  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, bf16 body, seq 1024): the seq 2048 step
-     differs from the seq 1024 step only in attention FLOPs per token, so (51.9 - 43.54) ms gives the attention
-     rate. The rest of the 43.54 ms, after matmuls at the assumed efficiency, gives the byte rate (it absorbs
-     torch.compile's fusion, which the eager byte count does not see, and launch overheads).
+  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, bf16 body): its two measured steps, 43.54 ms
+     at seq 1024 and 51.9 ms at 2048, are solved for two unknowns, the attention rate and the byte rate, after
+     matmuls at the assumed efficiency. The two lengths differ almost only in attention FLOPs per token, which fixes
+     the attention rate. The byte rate absorbs torch.compile's fusion, which the eager byte count does not see, and
+     launch overheads, so it is not a bandwidth.
 
 Assumptions that could be wrong, each a named constant below:
   * MATMUL_EFFICIENCY 0.6 of bf16 peak for K = 512 matmuls; a lower value moves time from bytes to matmuls.
@@ -328,7 +329,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=1024, help="sequence length of the --json object")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--bf16-body", action="store_true", help="predict our model with bf16 activations")
+    parser.add_argument("--bf16-body", action="store_true", help="predict our model with bf16 parameters")
     parser.add_argument("--routing", type=Path, help="a trained artifact whose memory routing sets the kernel's work")
     parser.add_argument("--routing-env", default="", help="the settings that artifact was trained with, KEY=VALUE ...")
     parser.add_argument("--routing-data", default=str(ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024"))
