@@ -46,11 +46,10 @@ from typing import Any, Sequence
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.pack_code import MARKER as PACKED_MARKER  # noqa: E402
+from tools.pack_code import CODE_FILES, MARKER as PACKED_MARKER  # noqa: E402  # CODE_FILES: what bytes_code counts
 from tools.runlog import RunLog, read_log  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CODE_FILES = ("train_gpt.py", "convgpt_ops.py", "quantize.py")  # what bytes_code counts (train_gpt.COUNTED_CODE)
 LIMIT_BYTES = 16_000_000
 TRAIN_LIMIT_MS = 600_000.0
 TRACK_DIRS = {"10min_16mb": "track_10min_16mb", "non_record_16mb": "track_non_record_16mb"}
@@ -206,13 +205,13 @@ def code_sha256(code_dir: Path) -> str:
 
 def code_mismatch(code_dir: Path, runs: Sequence[RunLog]) -> str | None:
     """Why the logs did not come from the code in code_dir (size and sha256 of the `code` line), or None."""
-    sizes = code_sizes(code_dir)
+    sizes, digest = code_sizes(code_dir), code_sha256(code_dir)
     parts = " + ".join(f"{f} {n}" for f, n in sizes.items())
     for run in runs:
         if run.code_sha256 is None:
             return f"log {run.source} has no `code` line (a trainer older than the sha256 check): its code cannot be verified"
-        if sum(sizes.values()) != run.sizes.code or code_sha256(code_dir) != run.code_sha256:
-            return (f"code in {code_dir} ({parts}, sha256 {code_sha256(code_dir)[:12]}) is not the code of {run.source} "
+        if sum(sizes.values()) != run.sizes.code or digest != run.code_sha256:
+            return (f"code in {code_dir} ({parts}, sha256 {digest[:12]}) is not the code of {run.source} "
                     f"(bytes_code:{run.sizes.code}, sha256 {run.code_sha256[:12]})")
     return None
 
