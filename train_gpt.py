@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref,
                          chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, self_test_kernels,
                          triton_enabled)
-from quantize import dequantize_state_dict, fake_quant_int6, pack, quantize_state_dict, unpack
+from quantize import dequantize_state_dict, fake_quant_int6, output_error, pack, quantize_state_dict, unpack
 
 # ----------------------------------------------------------------------------- config
 
@@ -143,6 +143,11 @@ class Hyperparameters:
     ema_decay: float = 0.997
     embed_quant: str = "int8"
     clip_search: bool = True
+    gptq: bool = False  # GPTQ at export, Hessians from training batches, inside the cap (its time is reserved)
+    gptq_calib_batches: int = 2  # training batches (TRAIN_BATCH_TOKENS each) whose block inputs give the Hessians
+    gptq_block: int = 128  # columns per lazy GPTQ update
+    gptq_damp: float = 0.01  # fraction of the mean Hessian diagonal added to the diagonal
+    gptq_reserve_seconds: float = 15.0  # training stops this much before the cap; calibration + GPTQ must fit in it
     # evaluation
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
     eval_stride: int = 64
@@ -160,6 +165,11 @@ class Hyperparameters:
     @property
     def eval_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def train_seconds(self) -> float:
+        """The training loop's wallclock cap: MAX_WALLCLOCK_SECONDS less GPTQ's reserve; 0 = none."""
+        return self.max_wallclock_seconds - self.gptq * self.gptq_reserve_seconds if self.max_wallclock_seconds > 0 else 0.0
 
     @property
     def max_seq_len(self) -> int:
@@ -202,6 +212,12 @@ class Hyperparameters:
              f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 or >= 2, BIGRAM_DIM={self.bigram_dim} >= 1"),
             (self.ttt_epochs >= 0 and self.ttt_chunk_tokens >= self.eval_stride and self.ttt_lr > 0,
              f"TTT_EPOCHS={self.ttt_epochs} must be >= 0, TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} >= EVAL_STRIDE, TTT_LR > 0"),
+            (self.gptq_calib_batches >= 1 and self.gptq_block >= 1 and self.gptq_damp > 0 and self.gptq_reserve_seconds >= 0,
+             f"GPTQ_CALIB_BATCHES={self.gptq_calib_batches} and GPTQ_BLOCK={self.gptq_block} must be >= 1, GPTQ_DAMP > 0 "
+             f"and GPTQ_RESERVE_SECONDS >= 0"),
+            (not self.gptq or self.max_wallclock_seconds == 0 or self.train_seconds > 0,
+             f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in MAX_WALLCLOCK_SECONDS="
+             f"{self.max_wallclock_seconds}"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
         ]
@@ -678,10 +694,10 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     if args.warmdown_iters <= 0:
         return 1.0
     by_step = min((args.iterations - step) / args.warmdown_iters, 1.0)
-    if args.max_wallclock_seconds <= 0:
+    if args.train_seconds <= 0:
         return max(by_step, 0.0)
     warmdown_ms = args.warmdown_iters * elapsed_ms / max(step, 1)
-    remaining_ms = max(1000 * args.max_wallclock_seconds - elapsed_ms, 0.0)
+    remaining_ms = max(1000 * args.train_seconds - elapsed_ms, 0.0)
     return max(min(by_step, remaining_ms / max(warmdown_ms, 1e-9)), 0.0)
 
 
@@ -839,12 +855,69 @@ def code_sha256() -> str:
     return digest.hexdigest()
 
 
+def collect_hessians(model: ConvGPT, d: Dist) -> dict[str, Tensor]:
+    """GPTQ's H = E[x x^T] of every CastedLinear's input, over GPTQ_CALIB_BATCHES training batches from the start
+    of the stream (all ranks), with the weights the model holds: training data, so it runs inside the cap."""
+    args = model.args
+    linears = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, CastedLinear)}
+    sums = {name: torch.zeros(m.in_features, m.in_features, device=d.device) for name, m in linears.items()}
+
+    def accumulate(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: tuple[Tensor]) -> None:
+            x = inputs[0].detach().flatten(0, -2).float()
+            sums[name].addmm_(x.T, x)
+        return hook
+    handles = [m.register_forward_pre_hook(accumulate(name)) for name, m in linears.items()]
+    loader = DistributedTokenLoader(args, d)
+    try:
+        with torch.no_grad(), autocast(d.device):
+            for _ in range(args.gptq_calib_batches * d.grad_accum):
+                ConvGPT.forward_logits(model, loader.next_batch()[0])  # the class's: no compiled graph, hooks run
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: all_reduce(h) / (args.gptq_calib_batches * args.train_batch_tokens) for name, h in sums.items()}
+
+
+def relative_output_error(state: Mapping[str, Tensor], qsd: Mapping, hessians: Mapping[str, Tensor]) -> float:
+    """sum of ||(W_q - W) x||^2 over sum of ||W x||^2 on the calibration inputs, over the matrices in hessians."""
+    err = base = 0.0
+    for name, h in hessians.items():
+        w, h = state[name].float(), h.cpu()
+        err += output_error(qsd[name]["q"].float() * qsd[name]["scale"].float()[:, None] - w, h).sum().item()
+        base += output_error(w, h).sum().item()
+    return err / base
+
+
+def quantize_model(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> dict:
+    """The artifact's tensors: clip search, or GPTQ (GPTQ=1), whose output error is logged next to the clip
+    search's and whose time (calibration included) must fit in GPTQ_RESERVE_SECONDS when the cap is on."""
+    args, t0 = model.args, time.perf_counter()
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    plan, ratios = quant_plan(model), CLIP_RATIOS if args.clip_search else (1.0,)
+    if not args.gptq:
+        return quantize_state_dict(state, plan, ratios)
+    hessians = collect_hessians(model, d)
+    try:
+        qsd = quantize_state_dict(state, plan, ratios, hessians, args.gptq_block, args.gptq_damp)
+    except ValueError as e:
+        raise FatalError(f"{e} (GPTQ_DAMP={args.gptq_damp}); no artifact written") from None
+    ms = 1000 * (time.perf_counter() - t0)
+    clip = quantize_state_dict({name: state[name] for name in hessians}, plan, ratios)
+    log(f"gptq matrices:{len(hessians)} calib_tokens:{args.gptq_calib_batches * args.train_batch_tokens} "
+        f"output_err_clip:{relative_output_error(state, clip, hessians):.4e} "
+        f"output_err_gptq:{relative_output_error(state, qsd, hessians):.4e} time:{ms:.0f}ms")
+    if args.max_wallclock_seconds > 0 and ms > 1000 * args.gptq_reserve_seconds:
+        raise FatalError(f"calibration + GPTQ took {ms / 1000:.1f} s, over GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds}: "
+                         f"the run broke the training cap; no artifact written (raise the reserve)")
+    return qsd
+
+
 def export_artifact(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> None:
     """Quantize, pack and atomically write the artifact on rank 0, only from finite weights; an artifact over
     the cap goes to ARTIFACT_PATH.oversize instead, and the run stops with an error."""
     args = model.args
-    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-    blob = pack(quantize_state_dict(state, quant_plan(model), CLIP_RATIOS if args.clip_search else (1.0,)))
+    blob = pack(quantize_model(model, d, log))
     total = len(blob) + code_bytes()
     log(f"artifact bytes_model:{len(blob)} bytes_code:{code_bytes()} bytes_total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
     if not all(t.isfinite().all() for t in dequantize_state_dict(unpack(blob)).values()):
@@ -953,7 +1026,7 @@ def train(model: ConvGPT, step_model: nn.Module, optimizers: Optimizers, d: Dist
     loader = DistributedTokenLoader(args, d)
     params = list(model.parameters())
     ema = [p.detach().float().clone() for p in params]
-    max_ms = 1000 * args.max_wallclock_seconds if args.max_wallclock_seconds > 0 else math.inf
+    max_ms = 1000 * args.train_seconds if args.train_seconds > 0 else math.inf
     first_bad = torch.full((), -1, dtype=torch.int64, device=d.device)
     train_ms, step, stop_after = 0.0, 0, None
     sync(d.device)

@@ -59,6 +59,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "qat_late": {"QAT_START_FRAC": "0.7"},
     "no_qat": {"QAT": "0"},
     "no_clip_search": {"CLIP_SEARCH": "0"},
+    "gptq": {"GPTQ": "1"},
     "embed_fp16": {"EMBED_QUANT": "fp16"},
     "no_muon_wd": {"MUON_WEIGHT_DECAY": "0"},
     "ema_0999": {"EMA_DECAY": "0.999"},

@@ -41,6 +41,9 @@ def test_defaults_and_overrides():
     ({"BIGRAM_BUCKETS": "1"}, "BIGRAM_BUCKETS=1 must be 0 or >= 2"),
     ({"TTT_EPOCHS": "-1"}, "TTT_EPOCHS=-1"),
     ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "10"}, "TTT_CHUNK_TOKENS=10 >= EVAL_STRIDE"),
+    ({"GPTQ": "1", "MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10"}, "GPTQ_RESERVE_SECONDS=10.0 leaves no"),
+    ({"GPTQ_DAMP": "0"}, "GPTQ_DAMP > 0"),
+    ({"GPTQ_CALIB_BATCHES": "0"}, "GPTQ_CALIB_BATCHES=0"),
 ])
 def test_bad_values_name_the_variable(env, needle):
     with pytest.raises(tg.FatalError, match=needle.replace("(", r"\(")):
@@ -77,3 +80,16 @@ def test_import_has_no_side_effects(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False []"
+
+
+def test_gptq_reserve_shortens_the_training_cap_and_its_warmdown():
+    plain = tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "100000"})
+    gptq = tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "100000", "GPTQ": "1"})
+    assert plain.train_seconds == 600 and gptq.train_seconds == 600 - gptq.gptq_reserve_seconds
+    uncapped = tg.Hyperparameters.from_env({"GPTQ": "1", "MAX_WALLCLOCK_SECONDS": "0"})
+    assert uncapped.train_seconds == 0
+    shorter = tg.Hyperparameters.from_env({"WARMDOWN_ITERS": "100", "ITERATIONS": "100000",
+                                           "MAX_WALLCLOCK_SECONDS": str(600 - gptq.gptq_reserve_seconds)})
+    for elapsed_ms in (540_000, 560_000, 570_000, 584_000):
+        assert tg.lr_multiplier(gptq, 1000, elapsed_ms) == tg.lr_multiplier(shorter, 1000, elapsed_ms) < 1
+    assert tg.lr_multiplier(gptq, 1000, 585_000) == 0.0 < tg.lr_multiplier(plain, 1000, 585_000)

@@ -1,5 +1,6 @@
 """Tests for quantize.py: python -m pytest -q tests/test_quantize.py"""
 import json
+import math
 import random
 import shutil
 import struct
@@ -267,3 +268,56 @@ def test_int6_values_come_first_and_compress_better_than_interleaved():
     assert max(v for (n, p), v in offsets.items() if p == "q") < min(v for (n, p), v in offsets.items() if p != "q")
     interleaved = b"".join(qsd[n][p].numpy().tobytes() for n in sorted(qsd) for p in (("q", "scale") if "q" in qsd[n] else ("data",)))
     assert len(blob) < len(zstandard.ZstdCompressor(level=Q.ZSTD_LEVEL).compress(interleaved))
+
+
+def correlated(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight and the Hessian E[x x^T] of strongly correlated inputs, some always zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * cols, cols, generator=g) @ (torch.randn(cols, cols, generator=g) / cols**0.5 + torch.eye(cols))
+    x[:, :3] = 0
+    return torch.randn(rows, cols, generator=g), x.T @ x / len(x)
+
+
+def out_err(q, scale, w, h):
+    return Q.output_error(q.float() * scale.float()[:, None] - w, h)
+
+
+@pytest.mark.parametrize("ratios", [(1.0,), (1.0, 0.95, 0.9, 0.85)])
+def test_gptq_never_worse_per_row_and_much_better_on_correlated_inputs(ratios):
+    w, h = correlated(48, 150, seed=1)
+    clip = Q._quantize_rows(w, Q.INT6_MAX, ratios)
+    gptq = Q.gptq_quantize_rows(w, h, Q.INT6_MAX, ratios, block_size=32, damp=0.01)
+    e_clip, e_gptq = out_err(*clip, w, h), out_err(*gptq, w, h)
+    assert (e_gptq <= e_clip * (1 + 1e-6)).all()
+    assert e_gptq.sum() < 0.75 * e_clip.sum()
+    assert gptq[0].dtype == torch.int8 and gptq[1].dtype == torch.float16 and gptq[0].abs().max() <= Q.INT6_MAX
+
+
+def test_gptq_with_uncorrelated_inputs_is_the_clip_search():
+    w, _ = correlated(20, 70, seed=2)
+    ratios = (1.0, 0.9, 0.8)
+    gptq = Q.gptq_quantize_rows(w, torch.eye(70) * 3, Q.INT6_MAX, ratios, block_size=16, damp=0.01)
+    clip = Q._quantize_rows(w, Q.INT6_MAX, ratios)
+    assert torch.equal(gptq[0], clip[0]) and torch.equal(gptq[1], clip[1])
+
+
+def test_gptq_block_size_only_reorders_the_arithmetic():
+    w, h = correlated(16, 90, seed=3)
+    one, lazy = (Q.gptq_quantize_rows(w, h, Q.INT6_MAX, (1.0,), block_size=b, damp=0.01) for b in (1, 37))
+    assert torch.equal(one[1], lazy[1]) and (one[0] != lazy[0]).float().mean() < 0.01
+
+
+def test_gptq_through_the_state_dict_and_its_errors(sample):
+    sd, plan = sample
+    w, h = correlated(16, 40, seed=4)
+    sd = {**sd, "mlp.w": w}
+    qsd = Q.quantize_state_dict(sd, plan, (1.0, 0.9), hessians={"mlp.w": h}, gptq_block=8)
+    plain = Q.quantize_state_dict(sd, plan, (1.0, 0.9))
+    assert out_err(qsd["mlp.w"]["q"], qsd["mlp.w"]["scale"], w, h).sum() < out_err(plain["mlp.w"]["q"], plain["mlp.w"]["scale"], w, h).sum()
+    assert all(torch.equal(qsd[n]["q"], plain[n]["q"]) for n in ("embed", "tiny", "wide"))
+    back = Q.dequantize_state_dict(Q.unpack(Q.pack(qsd)))
+    assert torch.equal(back["mlp.w"], qsd["mlp.w"]["q"].float() * qsd["mlp.w"]["scale"].float()[:, None])
+    with pytest.raises(ValueError, match=r"mlp.w: Hessian of shape \[39, 39\] for a weight of shape \[16, 40\]"):
+        Q.quantize_state_dict(sd, plan, hessians={"mlp.w": h[:39, :39]})
+    with pytest.raises(ValueError, match="not positive definite"):
+        Q.quantize_state_dict(sd, plan, hessians={"mlp.w": torch.full_like(h, math.nan)})

@@ -102,6 +102,29 @@ def test_ttt_adds_a_headline_after_the_unchanged_sliding_score_and_matches_acros
     assert float(log_values(two.stdout, "final_ttt_exact")["val_bpb"]) == pytest.approx(ttt, abs=1e-3)
 
 
+def test_gptq_quantizes_the_same_training_with_less_output_error(reference_run, smoke_data, tmp_path):
+    _, stdout = reference_run
+    out = run_trainer(trainer_env(smoke_data, tmp_path, GPTQ="1", GPTQ_BLOCK="16"), tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert train_losses(out.stdout) == train_losses(stdout)
+    assert log_values(out.stdout, "final_ema_prequant") | {"eval_time": ""} == log_values(stdout, "final_ema_prequant") | {"eval_time": ""}
+    gptq = log_values(out.stdout, "gptq")
+    assert gptq["matrices"] == "10" and gptq["calib_tokens"] == "2048"
+    assert float(gptq["output_err_gptq"]) < float(gptq["output_err_clip"])
+    plain, ours = (float(log_values(o, "final_int6_zstd_roundtrip_exact")["val_bpb"]) for o in (stdout, out.stdout))
+    assert plain != ours and ours == pytest.approx(plain, abs=0.01)
+
+
+def test_gptq_over_its_reserve_writes_no_artifact(smoke_data, tmp_path):
+    artifact = tmp_path / "model.ptz"
+    artifact.write_bytes(b"a good artifact from an earlier run")
+    env = trainer_env(smoke_data, tmp_path, GPTQ="1", MAX_WALLCLOCK_SECONDS="1000", GPTQ_RESERVE_SECONDS="0.001",
+                      ITERATIONS="2", WARMUP_STEPS="0")
+    out = run_trainer(env, tmp_path)
+    assert out.returncode == 2 and "over GPTQ_RESERVE_SECONDS=0.001: the run broke the training cap" in out.stderr, out.stderr
+    assert "gptq matrices:10" in out.stdout and artifact.read_bytes() == b"a good artifact from an earlier run"
+
+
 def copy_dataset(smoke_data, dest: Path) -> Path:
     shutil.copytree(smoke_data["data"], dest)
     return dest
