@@ -257,6 +257,11 @@ def _gather_conv_grad(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
 gather_conv_triton.register_autograd(_gather_conv_grad, setup_context=_gather_conv_setup)
 
 
+def memory_is_dense(seq_len: int, chunk: int, topk: int) -> bool:
+    """Every query reads every earlier complete chunk: the memory is plain causal attention."""
+    return topk >= (seq_len - 1) // chunk
+
+
 def chunk_routing(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
     """Bool [B, H, T, n_past] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks each
     (head, query token) reads, the topk whose mean key scores highest against q_t. A chunk's mean key only
@@ -292,7 +297,7 @@ def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -
 def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
     """One softmax over the visible keys of chunk_memory_mask; grouped heads; returns [B, H, T, D].
     The masked path repeats k and v per query head itself: masked SDPA kernels may lack GQA support."""
-    if topk >= (q.shape[2] - 1) // chunk:
+    if memory_is_dense(q.shape[2], chunk, topk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     mask, group = chunk_memory_mask(q, k, chunk, topk), q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)

@@ -4,6 +4,8 @@ Commands
   8xH100 run:      torchrun --standalone --nproc_per_node=8 train_gpt.py
   one process:     python train_gpt.py             (CPU or one GPU; same global batch by accumulation)
   sweep:           NUM_LAYERS=11 MEM_TOPK=8 torchrun --standalone --nproc_per_node=8 train_gpt.py
+  GPTQ export:     GPTQ=1 torchrun ...          (training stops GPTQ_RESERVE_SECONDS early; calibration fits in them)
+  vocab 8192:      PRESET=sp8192 torchrun ...   (data/cached_challenge_fineweb.py --variant sp8192 first)
   re-evaluate:     EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
   + score-first TTT: TTT_EPOCHS=3 EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
   CPU smoke run:   bash run.sh                      (synthetic sample, not FineWeb)
@@ -20,6 +22,8 @@ Invariants
   * TTT scores every target before any update trains on it (tests/test_eval.py perturbs unscored tokens).
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
   * The artifact is written atomically, only from finite weights and only under the cap.
+  * GPTQ reads training data (its Hessians) after the loop, so the loop ends GPTQ_RESERVE_SECONDS before the cap
+    and calibration + GPTQ must finish inside the reserve, or no artifact is written (CHALLENGE.md: training).
   * With the Triton kernels on, each runs once against its reference before training (one error line naming
     CONVGPT_TRITON=0 if not); on CUDA the training step compiles with fullgraph=True: a graph break fails at once.
   * Bad input: one "error: ..." line on stderr, exit code 2, nothing overwritten.
@@ -48,8 +52,8 @@ import triton
 from torch import Tensor, nn
 
 from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref,
-                         chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, self_test_kernels,
-                         triton_enabled)
+                         chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, memory_is_dense,
+                         self_test_kernels, triton_enabled)
 from quantize import dequantize_state_dict, fake_quant_int6, output_error, pack, quantize_state_dict, unpack
 
 # ----------------------------------------------------------------------------- config
@@ -69,11 +73,17 @@ EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
+PRESETS = {  # PRESET=name sets these defaults together; a setting given in the environment still wins
+    "sp8192": {"VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
+               "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model", "NUM_LAYERS": "8", "MLP_MULT": "2.5",
+               "EMBED_QUANT": "int6"},  # the 8192 x 512 embedding is 4.2M parameters: Gaussian worst case under the cap
+}
 CHOICES = {
+    "preset": ("none", *PRESETS),
     "mlp_act": ("relu2", "leaky_relu2"),
     "mem_rope": ("all", "half", "none"),
     "conv2d_layout": CONV2D_LAYOUTS,
-    "embed_quant": ("int8", "fp16"),
+    "embed_quant": ("int8", "int6", "fp16"),
     "compile": ("auto", "0", "1"),
 }
 
@@ -85,6 +95,7 @@ class FatalError(Exception):
 @dataclass(frozen=True)
 class Hyperparameters:
     # run and files
+    preset: str = "none"  # a named set of defaults (PRESETS), applied under the other settings
     run_id: str = "convgpt"
     seed: int = 1337
     data_path: str = "./data/datasets/fineweb10B_sp1024"
@@ -178,6 +189,7 @@ class Hyperparameters:
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Hyperparameters:
         env = os.environ if env is None else env
+        env = {**PRESETS.get(env.get("PRESET", "none"), {}), **env}
         values = {f.name: parse_value(f.name.upper(), env[f.name.upper()], type(f.default))
                   for f in fields(cls) if f.name.upper() in env}
         args = cls(**values)
@@ -496,7 +508,7 @@ class ChunkMemory(nn.Module):
             q, k = apply_rotary(q, a.rope_base), apply_rotary(k, a.rope_base)
         q = q * self.q_gain.to(q.dtype)[:, None, None]
         q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast runs rms_norm in fp32: the ops take one dtype
-        dense = a.mem_topk >= (T - 1) // a.mem_chunk  # every earlier chunk: flash attention beats the kernel
+        dense = memory_is_dense(T, a.mem_chunk, a.mem_topk)  # flash attention beats the kernel there
         memory = chunk_memory_triton if self.triton and not dense else chunk_memory_ref
         y = memory(q, k, v, a.mem_chunk, a.mem_topk)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -61,7 +61,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from bench.flops import count_forward_flops, memory_keys  # noqa: E402
-from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing  # noqa: E402
+from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing, memory_is_dense  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
 
 H100_BF16_FLOPS = 989e12  # H100 SXM5 dense bf16 tensor-core peak, NVIDIA datasheet
@@ -166,7 +166,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     def memory(q, k, v, chunk, topk):
         counter.add(*strided_copies(q, k, v), q, k, v, q)  # q, k, v in, out
         flops_per_key = 4 * q.shape[0] * q.shape[1] * q.shape[3]
-        if topk >= (T - 1) // chunk:
+        if memory_is_dense(T, chunk, topk):
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work

@@ -36,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
-from convgpt_ops import chunk_routing  # noqa: E402
+from convgpt_ops import chunk_routing, memory_is_dense  # noqa: E402
 from train_gpt import ConvGPT, ConvMix, Hyperparameters  # noqa: E402
 
 FLOPS_PER_KEY_PER_DIM = 4  # q.k and p.v: one multiply-add each per key, head and head-dim element
@@ -65,7 +65,7 @@ def count_forward_flops(args: Hyperparameters, seq_len: int | None = None) -> Fl
 
     def algorithmic_memory(q, k, v, chunk, topk):
         before = counter.get_total_flops()
-        if topk < (T - 1) // chunk:
+        if not memory_is_dense(T, chunk, topk):
             chunk_routing(q, k, chunk, topk)
         memory["route"] += counter.get_total_flops() - before
         memory["attn"] += FLOPS_PER_KEY_PER_DIM * q.shape[0] * q.shape[1] * q.shape[3] * memory_keys(T, chunk, topk)

@@ -93,3 +93,12 @@ def test_gptq_reserve_shortens_the_training_cap_and_its_warmdown():
     for elapsed_ms in (540_000, 560_000, 570_000, 584_000):
         assert tg.lr_multiplier(gptq, 1000, elapsed_ms) == tg.lr_multiplier(shorter, 1000, elapsed_ms) < 1
     assert tg.lr_multiplier(gptq, 1000, 585_000) == 0.0 < tg.lr_multiplier(plain, 1000, 585_000)
+
+
+def test_preset_sets_defaults_that_explicit_settings_override():
+    sp = tg.Hyperparameters.from_env({"PRESET": "sp8192", "NUM_LAYERS": "3"})
+    assert (sp.preset, sp.vocab_size, sp.embed_quant, sp.mlp_mult) == ("sp8192", 8192, "int6", 2.5)
+    assert sp.num_layers == 3 and sp.tokenizer_path.endswith("fineweb_8192_bpe.model") and sp.data_path.endswith("_sp8192")
+    assert tg.Hyperparameters.from_env({}).vocab_size == 1024
+    with pytest.raises(tg.FatalError, match="PRESET='sp4096' must be one of none, sp8192"):
+        tg.Hyperparameters.from_env({"PRESET": "sp4096"})

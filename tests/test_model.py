@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import train_gpt as tg
-from quantize import pack, quantize_state_dict
+from conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "bench"))
+from worst_case_size import worst_case_bytes  # noqa: E402
 
 T = 128
 # chunk edges (MEM_CHUNK=16): kC-1, kC, kC+1; Hilbert quadrant edges 4^m - 1; inside a chunk; the last token
@@ -163,19 +167,12 @@ def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
 
 
 @pytest.mark.slow
-def test_default_config_fits_the_cap_even_with_incompressible_weights(capsys):
-    """Every int6 tensor (block matrices, BigramHash) Gaussian: the worst case for int6 + zstd; trained weights
-    compress better."""
-    model = tg.ConvGPT(tg.Hyperparameters.from_env({}))
-    n_params = sum(p.numel() for p in model.parameters())
-    assert 20_000_000 <= n_params <= 24_000_000
-    plan = tg.quant_plan(model)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if plan[name] == "int6":
-                p.normal_(0, p.shape[1] ** -0.5)
-    blob = pack(quantize_state_dict(model.state_dict(), plan, tg.CLIP_RATIOS))
-    total = len(blob) + tg.code_bytes()
+@pytest.mark.parametrize("env,params", [({}, (20_000_000, 24_000_000)), ({"PRESET": "sp8192"}, (20_000_000, 24_000_000))])
+def test_config_fits_the_cap_even_with_incompressible_weights(env, params, capsys):
+    """Every quantized tensor Gaussian (bench/worst_case_size.py): the worst case for int6 + zstd; trained weights
+    compress better. The defaults and every preset must fit with room to spare."""
+    size = worst_case_bytes(tg.Hyperparameters.from_env(env))
     with capsys.disabled():
-        print(f"\ndefault config: params:{n_params} bytes_model:{len(blob)} bytes_code:{tg.code_bytes()} bytes_total:{total}")
-    assert total < tg.ARTIFACT_LIMIT_BYTES - 500_000
+        print(f"\n{env or 'defaults'}: " + " ".join(f"{k}:{v}" for k, v in size.items()))
+    assert params[0] <= size["params"] <= params[1]
+    assert size["bytes_total"] == size["bytes_model"] + tg.code_bytes() and size["headroom"] > 500_000

@@ -58,6 +58,14 @@ def test_packed_file_is_smaller_and_carries_the_code_exactly(tmp_path, capsys):
         (edited / name).write_text((ROOT / name).read_text() + ("\n" if name == "quantize.py" else ""))
     assert pack_code.main(["--check", str(folder / "train_gpt.py"), "--src", str(edited)]) == 1
     assert pack_code.main([str(tmp_path / "run.py")]) == 2 and "must be named train_gpt.py" in capsys.readouterr().err
+    loader_edit = tmp_path / "loader_edit" / "train_gpt.py"
+    loader_edit.parent.mkdir()
+    loader_edit.write_text(text.replace('exec(globals().pop("C"))', 'import os;exec(globals().pop("C"))'))
+    assert pack_code.unpack(loader_edit.read_text()) == pack_code.unpack(text)  # same code, other loader
+    assert pack_code.main(["--check", str(loader_edit)]) == 1
+    (folder / "quantize.py").write_text("stray")
+    with pytest.raises(make_record.RecordError, match="quantize.py beside the packed train_gpt.py"):
+        make_record.counted_code(folder)
 
 
 KERNELS_FROM_PACKED_SOURCE = """
@@ -73,7 +81,9 @@ print(max(float(e) for e in errors))
 def test_packed_file_imports_alone_counts_itself_and_runs_its_kernels(tmp_path):
     folder = packed_folder(tmp_path)
     code = ("import train_gpt, convgpt_ops, quantize; print(train_gpt.code_bytes(), train_gpt.code_sha256(), "
-            "convgpt_ops.__file__, callable(train_gpt.main))" + KERNELS_FROM_PACKED_SOURCE)
+            "convgpt_ops.__file__, callable(train_gpt.main))\n"
+            "leaked = {'base64', 'linecache', 'types', 'lzma', 'zstandard', 'C', 'D', 'S', 'n', 's', 'm', 'f'} & set(vars(train_gpt))\n"
+            "assert not leaked, f'the loader leaks {sorted(leaked)} into train_gpt'" + KERNELS_FROM_PACKED_SOURCE)
     env = {**{k: v for k, v in os.environ.items() if k != "PYTHONPATH"}, "TRITON_INTERPRET": "1"}
     proc = subprocess.run([sys.executable, "-B", "-c", code], cwd=folder, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -11,10 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import train_gpt as tg
-from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, SP1024, log_values, run_trainer, train_losses, trainer_env
+from quantize import unpack
+from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, SHARED_DATA, SP1024, log_values, run_trainer, train_losses, trainer_env
 
+SAMPLE_TEXT = SHARED_DATA / "text" / "fineweb_sample10BT_legalpilot_annotated.jsonl"
 SLOW = pytest.mark.slow  # cases the everyday tier (-m "not slow") leaves to the full suite
 FINAL_PREFIXES = ("final_ema_prequant", "artifact", "final_int6_zstd_roundtrip ", "final_int6_zstd_roundtrip_exact",
                   "final_sliding_window ", "final_sliding_window_exact")
@@ -123,6 +126,34 @@ def test_gptq_over_its_reserve_writes_no_artifact(smoke_data, tmp_path):
     out = run_trainer(env, tmp_path)
     assert out.returncode == 2 and "over GPTQ_RESERVE_SECONDS=0.001: the run broke the training cap" in out.stderr, out.stderr
     assert "gptq matrices:10" in out.stdout and artifact.read_bytes() == b"a good artifact from an earlier run"
+
+
+@SLOW
+@pytest.mark.skipif(not SAMPLE_TEXT.is_file(), reason=f"real text absent: {SAMPLE_TEXT}")
+def test_sp8192_preset_trains_end_to_end_and_counts_bytes_like_the_text(smoke_data, tmp_path):
+    """A vocab-8192 tokenizer trained by data/prepare_text.py on 600 sample docs; a tiny model under PRESET=sp8192."""
+    import sentencepiece as spm
+    from data.prepare_text import main as prepare
+
+    docs = tmp_path / "docs.jsonl"
+    with open(SAMPLE_TEXT, encoding="utf-8") as f:
+        docs.write_text("".join(next(f) for _ in range(600)), encoding="utf-8")
+    assert prepare(["--input", str(docs), "--train-tokenizer", "--vocab-size", "8192", "--val-docs", "30",
+                    "--out", str(tmp_path / "ds")]) == 0
+    tokenizer = tmp_path / "ds" / "tokenizer_8192_bpe.model"
+    env = trainer_env(smoke_data, tmp_path, PRESET="sp8192", DATA_PATH=str(tmp_path / "ds"), TOKENIZER_PATH=str(tokenizer))
+    out = run_trainer(env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert {"hp vocab_size:8192", "hp embed_quant:int6", "hp num_layers:2", "hp preset:sp8192"} <= set(out.stdout.splitlines())
+    assert math.isfinite(float(log_values(out.stdout, "final_sliding_window_exact")["val_bpb"]))
+    assert unpack((tmp_path / "model.ptz").read_bytes())["tok_emb.weight"]["kind"] == "int6"
+    sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
+    base, space, boundary = tg.build_sentencepiece_luts(sp, 8192)
+    val = torch.from_numpy(tg.load_data_shard(tmp_path / "ds" / "fineweb_val_000000.bin", 8192).astype(np.int64))
+    counted = (base[val[1:]] + (space[val[1:]] & ~boundary[val[:-1]])).sum().item()
+    starts = (val == tg.BOS_ID).nonzero().flatten().tolist() + [len(val)]
+    text = sum(len(sp.decode(val[a + 1:b].tolist()).encode("utf-8")) for a, b in zip(starts, starts[1:]))
+    assert counted == text and (val == tg.BOS_ID).sum() == 30
 
 
 def copy_dataset(smoke_data, dest: Path) -> Path:

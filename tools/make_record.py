@@ -184,6 +184,10 @@ def counted_code(code_dir: Path) -> tuple[str, ...]:
     three (RecordError naming the missing ones)."""
     packed = code_dir / "train_gpt.py"
     if packed.is_file() and packed.read_text(encoding="utf-8", errors="replace").startswith(PACKED_MARKER):
+        stray = [f for f in CODE_FILES[1:] if (code_dir / f).exists()]
+        if stray:
+            raise RecordError(f"{', '.join(stray)} beside the packed train_gpt.py in {code_dir}: the packed file carries "
+                              f"its own copy, so remove the plain one(s)")
         return ("train_gpt.py",)
     missing = [f for f in CODE_FILES if not (code_dir / f).is_file()]
     if missing:

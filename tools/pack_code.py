@@ -4,13 +4,13 @@ Runbook
   python tools/pack_code.py OUT/train_gpt.py              # OUT/ then needs no other code file
   cd OUT && torchrun --standalone --nproc_per_node=8 train_gpt.py        # run the seeds from that folder
   python tools/make_record.py --code-dir OUT ... OUT/logs/seed*.txt      # package the packed file with its logs
-  python tools/pack_code.py --check OUT/train_gpt.py      # does it carry exactly the repo's current code?
+  python tools/pack_code.py --check OUT/train_gpt.py      # is it exactly this tool's file for the repo's current code?
 
 The challenge counts the bytes of the code a submission runs. The packed file holds train_gpt.py, convgpt_ops.py
 and quantize.py joined by NUL bytes, compressed with lzma (raw LZMA2, preset 9e) or zstd level 22, whichever is
 smaller, as one base85 string. Its loader, a few hundred bytes of plain Python, decodes them at start. It registers
 convgpt_ops and quantize as modules, and their sources in linecache, because Triton reads a kernel's source through
-inspect. Then it runs train_gpt.py's source in its own namespace, with `__packed__` set. So `python train_gpt.py`
+inspect. Then it deletes its own names and runs train_gpt.py's source in its own namespace, with `__packed__` set. So `python train_gpt.py`
 runs main() and `import train_gpt` imports the model, exactly as with the plain files. The trainer then logs the
 packed file's size as bytes_code, and its sha256 in the `code` line.
 Invariant: apart from the code line and the size line, a run's log is identical from the packed file and from
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import base64
 import lzma
+import re
 import sys
 from pathlib import Path
 
@@ -40,11 +41,12 @@ for n,s in zip({modules!r},S[1:]):
  m=types.ModuleType(n);f=m.__file__=__file__+"!/"+n+".py";linecache.cache[f]=(len(s),None,s.splitlines(True),f)
  sys.modules[n]=m;exec(compile(s,f,"exec"),m.__dict__)
 f=__file__+"!/train_gpt.py";linecache.cache[f]=(len(S[0]),None,S[0].splitlines(True),f)
-__packed__=True;exec(compile(S[0],f,"exec"))
+C=compile(S[0],f,"exec");__packed__=True;del base64,linecache,sys,types,D,S,n,s,m,f
+exec(globals().pop("C"))
 '''
 DECODERS = {
-    "lzma": "import lzma\nD=lambda b:lzma.decompress(b,lzma.FORMAT_RAW,filters=[{'id':lzma.FILTER_LZMA2}])",
-    "zstd": "import zstandard\nD=lambda b:zstandard.ZstdDecompressor().decompress(b)",
+    "lzma": "D=lambda b,z=__import__('lzma'):z.decompress(b,z.FORMAT_RAW,filters=[{'id':z.FILTER_LZMA2}])",
+    "zstd": "D=lambda b,z=__import__('zstandard'):z.ZstdDecompressor().decompress(b)",
 }
 
 
@@ -76,6 +78,17 @@ def unpack(text: str) -> list[str]:
     return namespace["S"]
 
 
+def carries(text: str, texts: list[str]) -> bool:
+    """text is what pack() writes for texts, loader included, whichever codec it chose."""
+    try:
+        codec, blob = text.split("\n", 1)[0].rsplit(" ", 3)[1], re.search(r"b85decode\('([^']*)'\)", text).group(1)
+        return unpack(text) == texts and text == LOADER.format(
+            marker=MARKER, files=", ".join(CODE_FILES), codec=codec, decode=DECODERS[codec], blob=blob,
+            modules=tuple(n[:-3] for n in CODE_FILES[1:]))
+    except (AttributeError, KeyError, ValueError, StopIteration):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the packed file to write (train_gpt.py in a folder of its own)")
@@ -85,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         texts = sources(cli.src)
         if cli.check:
-            same = unpack(cli.out.read_text(encoding="utf-8")) == texts
+            same = carries(cli.out.read_text(encoding="utf-8"), texts)
             print(f"{cli.out}: {'carries' if same else 'differs from'} the code in {cli.src}")
             return 0 if same else 1
         if cli.out.name != "train_gpt.py":
