@@ -8,6 +8,7 @@ Commands
   vocab 8192:      PRESET=sp8192 torchrun ...   (data/cached_challenge_fineweb.py --variant sp8192 first)
   re-evaluate:     EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
   + score-first TTT: TTT_EPOCHS=3 EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
+  + per-document LoRA TTT: TTT_MODE=lora TTT_EPOCHS=1 EVAL_ONLY=1 ARTIFACT_PATH=... python train_gpt.py
   CPU smoke run:   bash run.sh                      (synthetic sample, not FineWeb)
 
 Settings are environment variables named after the Hyperparameters fields in upper case; every resolved
@@ -19,7 +20,8 @@ final_sliding_window_exact (then final_ttt, final_ttt_exact with TTT_EPOCHS > 0)
 Invariants
   * Causal: logits at t depend on tokens <= t only (tests/test_model.py, in every mixer configuration).
   * val_bpb is the challenge's: every validation target is scored exactly once, bytes come from the pieces.
-  * TTT scores every target before any update trains on it (tests/test_eval.py perturbs unscored tokens).
+  * TTT scores every target before any update trains on it, and LoRA TTT's adapters never cross a document
+    boundary (tests/test_eval.py perturbs unscored tokens).
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
   * The artifact is written atomically, only from finite weights and only under the cap.
   * GPTQ reads training data (its Hessians) after the loop, so the loop ends GPTQ_RESERVE_SECONDS before the cap
@@ -85,6 +87,7 @@ CHOICES = {
     "conv2d_layout": CONV2D_LAYOUTS,
     "embed_quant": ("int8", "int6", "fp16"),
     "compile": ("auto", "0", "1"),
+    "ttt_mode": ("sgd", "lora"),
 }
 
 
@@ -166,6 +169,10 @@ class Hyperparameters:
     ttt_chunk_tokens: int = 32768  # validation targets scored between two TTT updates
     ttt_lr: float = 0.002
     ttt_momentum: float = 0.9
+    ttt_mode: str = "sgd"  # sgd: the whole model, chunks of the stream; lora: adapters per document, reset at BOS
+    ttt_lora_rank: int = 8
+    ttt_lora_lr: float = 0.01  # Adam, lora mode
+    ttt_doc_chunk: int = 256  # lora mode: tokens of a document scored between two adapter updates
     # device
     compile: str = "auto"  # auto = on with CUDA
 
@@ -230,6 +237,9 @@ class Hyperparameters:
             (not self.gptq or self.max_wallclock_seconds == 0 or self.train_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in MAX_WALLCLOCK_SECONDS="
              f"{self.max_wallclock_seconds}"),
+            (self.ttt_lora_rank >= 1 and self.ttt_lora_lr > 0 and (self.ttt_mode != "lora" or 1 <= self.ttt_doc_chunk <= self.eval_len),
+             f"TTT_LORA_RANK={self.ttt_lora_rank} must be >= 1, TTT_LORA_LR > 0, TTT_DOC_CHUNK={self.ttt_doc_chunk} "
+             f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
         ]
@@ -435,11 +445,16 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
         self.qat = False
+        self.lora: tuple[Tensor, Tensor] | None = None  # LoRA TTT: A [B, r, in], B [B, out, r], one per sequence
         nn.init.normal_(self.weight, std=0.0 if zero_init else (3 * in_features) ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
         w = fake_quant_int6(self.weight) if self.qat else self.weight
-        return F.linear(x, w.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype))
+        if self.lora is None:
+            return y
+        a, b = (t.to(x.dtype) for t in self.lora)
+        return y + (x @ a.transpose(1, 2)) @ b.transpose(1, 2)
 
 
 def apply_rotary(x: Tensor, base: float) -> Tensor:
@@ -723,24 +738,37 @@ def eval_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, i
     return [(max(0, end - seq_len), end, prev) for prev, end in zip([0, *ends[:-1]], ends)]
 
 
+def window_batch(val_tokens: Tensor, windows: list[tuple[int, int, int]], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Inputs and targets [n, longest] of windows (start, end, first_scored), shorter ones padded at the end with
+    their last target (causal: padding reaches no real position), and the mask of the targets each one scores."""
+    w = torch.tensor(windows)
+    pos = torch.arange(int((w[:, 1] - w[:, 0]).max()) + 1)
+    tokens = val_tokens[torch.minimum(w[:, :1] + pos, w[:, 1:2])].to(device).long()
+    rel = pos[:-1].to(device)
+    scored = (rel >= (w[:, 2:] - w[:, :1]).to(device)) & (rel < (w[:, 1:2] - w[:, :1]).to(device))
+    return tokens[:, :-1], tokens[:, 1:], scored
+
+
+def window_sums(logits: Tensor, x: Tensor, y: Tensor, scored: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
+    """float64 [n, 3]: [nll, targets, bytes] of each window's scored targets."""
+    base_bytes, has_space, is_boundary = (t.to(x.device) for t in luts)
+    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+    n_bytes = base_bytes[y] + (has_space[y] & ~is_boundary[x])
+    m = scored.double()
+    return torch.stack(((nll.double() * m).sum(1), m.sum(1), (n_bytes.double() * m).sum(1)), 1)
+
+
 @torch.no_grad()
 def score_windows(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor],
                   windows: list[tuple[int, int, int]], batch_seqs: int) -> Tensor:
     """float64 [nll, targets, bytes] summed over the scored targets of windows (see eval_windows)."""
     device = next(model.parameters()).device
-    base_bytes, has_space, is_boundary = (t.to(device) for t in luts)
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     for i in range(0, len(windows), batch_seqs):
-        batch = torch.tensor(windows[i:i + batch_seqs])
-        length = int(batch[0, 1] - batch[0, 0])
-        tokens = val_tokens[batch[:, :1] + torch.arange(length + 1)].to(device).long()
-        x, y = tokens[:, :-1], tokens[:, 1:]
+        x, y, scored = window_batch(val_tokens, windows[i:i + batch_seqs], device)
         with autocast(device):
             logits = model.forward_logits(x)
-        nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        scored = torch.arange(length, device=device) >= (batch[:, 2:] - batch[:, :1]).to(device)
-        n_bytes = base_bytes[y] + (has_space[y] & ~is_boundary[x])
-        sums += torch.stack((nll[scored].double().sum(), scored.sum().double(), n_bytes[scored].double().sum()))
+        sums += window_sums(logits, x, y, scored, luts).sum(0)
     return sums
 
 
@@ -811,6 +839,75 @@ def ttt_train(model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor]
     model.eval()
 
 
+def documents(val_tokens: Tensor) -> list[tuple[int, int]]:
+    """Input-position spans [start, end) of the BOS-delimited documents; a document's targets run to the next
+    document's BOS, so together they score every target once."""
+    n = val_tokens.numel() - 1
+    starts = (val_tokens[:n] == BOS_ID).nonzero().flatten().tolist()
+    starts = starts if starts[:1] == [0] else [0, *starts]
+    return list(zip(starts, [*starts[1:], n]))
+
+
+def document_windows(doc: tuple[int, int], chunk: int, seq_len: int) -> list[tuple[int, int, int]]:
+    """The document's chunks as windows (start, end, first_scored) over its own tokens only, at most seq_len long."""
+    lo, hi = doc
+    return [(max(lo, min(s + chunk, hi) - seq_len), min(s + chunk, hi), s) for s in range(lo, hi, chunk)]
+
+
+def attach_lora(model: ConvGPT, n: int, rank: int, seed: int) -> list[tuple[CastedLinear, Tensor, Tensor]]:
+    """Fresh adapters for n sequences on every block matrix: A Gaussian (seeded), B zero, so the model is unchanged."""
+    device, g = next(model.parameters()).device, torch.Generator().manual_seed(seed)
+    return [(m, (torch.randn(n, rank, m.in_features, generator=g) / m.in_features ** 0.5).to(device).requires_grad_(),
+             torch.zeros(n, m.out_features, rank, device=device, requires_grad=True)) for m in block_matrices(model).values()]
+
+
+def lora_forward(model: ConvGPT, adapters: list, val_tokens: Tensor, windows: list, luts) -> tuple[Tensor, Tensor]:
+    """Per-window sums (window_sums) and mean scored nll per window, with the first len(windows) adapters."""
+    for m, a, b in adapters:
+        m.lora = (a[:len(windows)], b[:len(windows)])
+    x, y, scored = window_batch(val_tokens, windows, next(model.parameters()).device)
+    with autocast(x.device):
+        sums = window_sums(ConvGPT.forward_logits(model, x), x, y, scored, luts)  # eager: hooks on lora, any shape
+    return sums, sums[:, 0] / sums[:, 1]
+
+
+def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], args: Hyperparameters,
+                  batch_seqs: int, rank: int = 0, world_size: int = 1) -> tuple[float, float, Tensor]:
+    """Legal per-document LoRA TTT: each document is scored in TTT_DOC_CHUNK-token chunks, left to right, with at
+    most EVAL_SEQ_LEN tokens of its own context; after a chunk is scored, rank-TTT_LORA_RANK adapters on the block
+    matrices take TTT_EPOCHS Adam steps on that chunk's targets. Every document starts from fresh adapters, so no
+    token is trained on before it is scored and no document sees another. Documents run batch_seqs at a time,
+    longest first, each with its own adapters; the model's weights do not change. Returns (val_loss, val_bpb, the
+    all-reduced [nll, targets, bytes] of every chunk, documents in order)."""
+    chunks = [document_windows(doc, args.ttt_doc_chunk, args.eval_len) for doc in documents(val_tokens)]
+    first = list(itertools.accumulate((len(c) for c in chunks), initial=0))
+    order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]))
+    sums = torch.zeros(first[-1], 3, dtype=torch.float64, device=next(model.parameters()).device)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for batch in shard([order[i:i + batch_seqs] for i in range(0, len(order), batch_seqs)], rank, world_size):
+            adapters = attach_lora(model, len(batch), args.ttt_lora_rank, args.seed)
+            opt = torch.optim.Adam([t for _, a, b in adapters for t in (a, b)], lr=args.ttt_lora_lr)
+            for c in range(len(chunks[batch[0]])):
+                with torch.no_grad():
+                    live = [i for i in batch if c < len(chunks[i])]
+                    sums[[first[i] + c for i in live]] = lora_forward(model, adapters, val_tokens, [chunks[i][c] for i in live], luts)[0]
+                going_on = [chunks[i][c] for i in live if c + 1 < len(chunks[i])]
+                for _ in range(args.ttt_epochs if going_on else 0):
+                    opt.zero_grad()
+                    lora_forward(model, adapters, val_tokens, going_on, luts)[1].sum().backward()
+                    opt.step()
+    finally:
+        for m in block_matrices(model).values():
+            m.lora = None
+        for p in frozen:
+            p.requires_grad_(True)
+    sums = all_reduce(sums)
+    return (*loss_and_bpb(sums.sum(0)), sums)
+
+
 def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None,
              ttt: bool = False) -> tuple[float, float, float]:
     """eval_val (or eval_ttt) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
@@ -818,7 +915,8 @@ def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | No
     t0 = time.perf_counter()
     batch_seqs = max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
     if ttt:
-        loss, bpb, _ = eval_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
+        ttt_eval = eval_lora_ttt if args.ttt_mode == "lora" else eval_ttt
+        loss, bpb, _ = ttt_eval(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
     else:
         loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
     return loss, bpb, 1000 * (time.perf_counter() - t0)
@@ -834,7 +932,9 @@ def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Cal
     log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if model.args.ttt_epochs:
         loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True)
-        tag = f"stride:{stride} chunk:{model.args.ttt_chunk_tokens} epochs:{model.args.ttt_epochs}"
+        a = model.args
+        tag = (f"mode:lora doc_chunk:{a.ttt_doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs}" if a.ttt_mode == "lora"
+               else f"stride:{stride} chunk:{a.ttt_chunk_tokens} epochs:{a.ttt_epochs}")
         log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
 

@@ -43,6 +43,8 @@ def test_defaults_and_overrides():
     ({"TTT_EPOCHS": "1", "TTT_CHUNK_TOKENS": "10"}, "TTT_CHUNK_TOKENS=10 >= EVAL_STRIDE"),
     ({"GPTQ": "1", "MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10"}, "GPTQ_RESERVE_SECONDS=10.0 leaves no"),
     ({"GPTQ_DAMP": "0"}, "GPTQ_DAMP > 0"),
+    ({"TTT_MODE": "adam"}, "TTT_MODE='adam' must be one of sgd, lora"),
+    ({"TTT_MODE": "lora", "TTT_DOC_CHUNK": "2000"}, "TTT_DOC_CHUNK=2000 in 1..1024"),
     ({"GPTQ_CALIB_BATCHES": "0"}, "GPTQ_CALIB_BATCHES=0"),
 ])
 def test_bad_values_name_the_variable(env, needle):

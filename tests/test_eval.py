@@ -162,3 +162,49 @@ def test_ttt_train_reads_only_the_span_it_is_given():
     assert all(x.shape[1] == 128 for x, _ in seen) and len(starts) == 2
     assert torch.equal(seen[-1][1][-1], tokens[203:331].long()) and torch.equal(seen[0][1][0], tokens[151:279].long())
     assert targets.numel() == 256
+
+
+def test_documents_score_every_target_once_and_their_windows_stay_inside():
+    tokens = torch.tensor([5, 6, tg.BOS_ID, 7, 8, 9, tg.BOS_ID, 4, tg.BOS_ID], dtype=torch.int32)
+    assert tg.documents(tokens) == [(0, 2), (2, 6), (6, 8)]
+    assert tg.documents(tokens[2:]) == [(0, 4), (4, 6)]
+    assert tg.document_windows((100, 390), 64, 128) == [(100, 164, 100), (100, 228, 164), (164, 292, 228),
+                                                         (228, 356, 292), (262, 390, 356)]
+
+
+LORA_DOCS = (0, 200, 450)  # BOS positions of a 700-token stream: documents of 200, 250 and 249 targets
+
+
+def lora_chunks(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1), batch: int = 2):
+    """eval_lora_ttt on a fresh random model: seq 128, chunks of 64 targets, rank 4."""
+    from test_model import random_model
+
+    model = random_model({})
+    args = dataclasses.replace(model.args, ttt_mode="lora", ttt_doc_chunk=64, ttt_lora_rank=4, ttt_lora_lr=0.05,
+                               ttt_epochs=epochs)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tg.eval_lora_ttt(model, tokens, random_luts(1024), args, batch, *world)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    assert all(m.lora is None for m in tg.block_matrices(model).values()) and all(p.requires_grad for p in model.parameters())
+    return out
+
+
+def test_lora_ttt_scores_each_chunk_before_training_on_it_and_documents_never_meet():
+    """Chunks (document, first target): doc 0 at 0, 64, 128, 192; doc 1 at 200, 264, 328, 392; doc 2 at 450, ...
+    Perturbing doc 1 from target 329 on (its third chunk) must leave doc 1's first two chunks and every chunk of
+    docs 0 and 2 bit-identical: an adapter trained on an unscored token, or shared across documents, changes them."""
+    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    tokens[list(LORA_DOCS)] = tg.BOS_ID
+    loss, bpb, chunks = lora_chunks(tokens, epochs=2)
+    assert chunks.shape == (4 + 4 + 4, 3) and int(chunks[:, 1].sum()) == 699
+    changed = tokens.clone()
+    changed[329:450] = torch.randint(2, 1024, (121,), dtype=torch.int32)
+    perturbed = lora_chunks(changed, epochs=2)[2]
+    same = [i for i in range(12) if i not in (6, 7)]
+    assert torch.equal(perturbed[same], chunks[same]) and not torch.equal(perturbed[6], chunks[6])
+    no_ttt = lora_chunks(tokens, epochs=0)
+    firsts = [0, 4, 8]
+    assert torch.equal(no_ttt[2][firsts], chunks[firsts]) and not torch.equal(no_ttt[2][1], chunks[1])
+    assert loss < no_ttt[0] and (loss, bpb) == tg.loss_and_bpb(chunks.sum(0))
+    halves = [lora_chunks(tokens, epochs=2, world=(r, 2))[2] for r in (0, 1)]  # batches [doc 0, doc 1], [doc 2]
+    assert torch.equal(halves[0][8:], torch.zeros(4, 3, dtype=torch.float64)) and torch.equal(halves[0] + halves[1], chunks)

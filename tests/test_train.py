@@ -156,6 +156,18 @@ def test_sp8192_preset_trains_end_to_end_and_counts_bytes_like_the_text(smoke_da
     assert counted == text and (val == tg.BOS_ID).sum() == 30
 
 
+def test_lora_ttt_adds_its_headline_in_eval_only(reference_run, smoke_data, tmp_path):
+    workdir, stdout = reference_run
+    env = trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz"), TTT_EPOCHS="1",
+                      TTT_MODE="lora", TTT_DOC_CHUNK="32", TTT_LORA_RANK="2")
+    out = run_trainer(env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[-2].startswith("final_ttt mode:lora doc_chunk:32 rank:2 epochs:1 ") and lines[-1].startswith("final_ttt_exact ")
+    assert log_values(out.stdout, "final_sliding_window_exact") == log_values(stdout, "final_sliding_window_exact")
+    assert math.isfinite(float(log_values(out.stdout, "final_ttt_exact")["val_bpb"]))
+
+
 def copy_dataset(smoke_data, dest: Path) -> Path:
     shutil.copytree(smoke_data["data"], dest)
     return dest
