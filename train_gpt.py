@@ -172,7 +172,7 @@ class Hyperparameters:
     ttt_mode: str = "sgd"  # sgd: the whole model, chunks of the stream; lora: adapters per document, reset at BOS
     ttt_lora_rank: int = 8
     ttt_lora_lr: float = 0.01  # Adam, lora mode
-    ttt_doc_chunk: int = 256  # lora mode: tokens of a document scored between two adapter updates
+    ttt_doc_chunk: int = 128  # lora mode: tokens of a document scored between two adapter updates
     # device
     compile: str = "auto"  # auto = on with CUDA
 
