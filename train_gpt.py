@@ -752,7 +752,7 @@ def window_batch(val_tokens: Tensor, windows: list[tuple[int, int, int]], device
 def window_sums(logits: Tensor, x: Tensor, y: Tensor, scored: Tensor, luts: tuple[Tensor, Tensor, Tensor]) -> Tensor:
     """float64 [n, 3]: [nll, targets, bytes] of each window's scored targets."""
     base_bytes, has_space, is_boundary = (t.to(x.device) for t in luts)
-    nll = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="none").view_as(y)
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
     n_bytes = base_bytes[y] + (has_space[y] & ~is_boundary[x])
     m = scored.double()
     return torch.stack(((nll.double() * m).sum(1), m.sum(1), (n_bytes.double() * m).sum(1)), 1)
