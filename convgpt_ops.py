@@ -19,6 +19,14 @@ The kernel ops are torch.library custom ops (convgpt::gather_conv, convgpt::chun
 backwards) with fake and autograd registrations, so torch.compile(fullgraph=True) traces them. Every input of an
 op has one dtype (CUDA autocast returns fp32 from rms_norm: callers cast).
 
+The chunk memory's schedule is key-chunk-major, as MoBA's: a query reads at most topk + 1 key chunks (its picks
+and its own), so key chunk j's list holds its own chunk's queries and the later ones that picked it. A forward
+program takes j and one tile of `chunk` listed queries and writes each one's partial result for j (normalised
+output and lse) into that query's slot; a merge kernel combines a query's slots by log-sum-exp. The backward runs
+one program per key chunk over all of its tiles: dK and dV accumulate there, each query's dQ share goes to its slot,
+and the slots are summed. The work is the listed (query, chunk) pairs rounded up to whole tiles, about topk + 1
+blocks per 64 queries, not the union of what 64 neighbouring queries picked (bench/cost_model.py counts it).
+
 Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
   * Causality: output t depends only on inputs <= t, for every op and both paths, at every position.
   * A table row depends only on p, never on seq_len, so table[:T] is the table for length T, and the
@@ -50,8 +58,11 @@ MAX_SEQ_LEN = HILBERT_SIDE * HILBERT_SIDE
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LOG2E = 1.4426950408889634  # log2(e): the attention kernels work in base 2
+TL_LOG2E, TL_LN2 = tl.constexpr(LOG2E), tl.constexpr(1 / LOG2E)  # the same for kernels: they read only constexpr globals
+MERGE_BLOCK_ROWS = 64  # query rows per program of the chunk memory's merge kernel
 # Tile sizes from the sm_90 compile (bench/kernel_resources.py, bench/results/kernel_resources_sm90.md):
-MEMORY_MAX_CHUNK, MEMORY_MAX_TILE = 256, 16384  # chunk x head dim: 256 x 64 takes 199 KB of the 227 KB a block has
+MEMORY_MAX_CHUNK, MEMORY_MAX_TILE = 256, 8192  # chunk x head dim: the backward's 128 x 64 takes 130 KB of the 227 KB a
+# block has, 256 x 32 226 KB; 128 x 128 needs 258 KB
 GATHER_BLOCK_T, GATHER_MAX_BLOCK_C = 16, 64  # positions x channels per program: 32 x 128 spilled in bf16
 WGRAD_BLOCK_T, WGRAD_MAX_BLOCK_C, WGRAD_MAX_PROGRAMS = 8, 32, 128  # weight-gradient partial sums: 8 x 64 spilled
 
@@ -315,8 +326,11 @@ def check_memory_sizes(chunk: int, head_dim: int) -> None:
                          f"block (at most {MEMORY_MAX_TILE} elements)")
 
 
-def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picked: Tensor | None = None) -> None:
-    """Raise ValueError naming the first bad shape, dtype, device or size."""
+def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picked: Tensor | None = None,
+                              topk: int = 0) -> None:
+    """Raise ValueError naming the first bad shape, dtype, device or size. A picked routing may hold at most topk
+    chunks per query (each has one partial-result slot): checked on the device without a host sync, so a CUDA
+    violation surfaces at the next synchronisation as a device-side assert."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
@@ -341,22 +355,45 @@ def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picke
         if tuple(picked.shape) != want or picked.dtype != torch.bool or picked.device != q.device:
             raise ValueError(f"picked must be bool {want} on {q.device}; got {picked.dtype} {tuple(picked.shape)} "
                              f"on {picked.device}")
+        if topk < 0:
+            raise ValueError(f"topk {topk} must be >= 0")
+        torch._assert_async(picked.sum(-1).max() <= topk, f"picked routes more than topk={topk} chunks to a query")
 
 
-def _schedule(picked: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(bits, q_list, q_cnt, k_list, k_cnt); see the module docstring. Lists are int32 [B, H, NT, NT]."""
+def memory_slots(n_past: int, topk: int) -> int:
+    """Partial results a query merges: one per picked chunk, plus its own chunk."""
+    return min(topk, n_past) + 1
+
+
+def _schedule(picked: Tensor, chunk: int, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Key-chunk-major work lists (see the module docstring), all int32:
+    rows [B, H, NT, T]: the query positions that read key chunk j, its own chunk's first, then ascending;
+    slots [B, H, NT, T]: each listed query's partial-result slot for j (its chunks in ascending order);
+    counts [B, H, NT]: the listed queries of j;
+    work [B, H, W]: one forward program per entry, j * T + the first list entry of its tile of `chunk` queries,
+    or -1. W = cdiv(T * slots, chunk) + NT bounds the tiles without a host sync."""
     B, H, T, n_past = picked.shape
-    nt = triton.cdiv(T, chunk)
-    bits = torch.zeros(B, H, nt, T, dtype=torch.uint8, device=picked.device)
-    bits[:, :, :n_past] = picked.transpose(2, 3)
-    k_union = F.pad(bits, (0, nt * chunk - T)).view(B, H, nt, nt, chunk).amax(-1)  # [.., key chunk j, tile i]
-    k_union.diagonal(dim1=2, dim2=3).fill_(1)  # every tile reads its own chunk (causally)
+    nt, dev = triton.cdiv(T, chunk), picked.device
+    pos = torch.arange(T, device=dev)
+    reads = torch.cat([picked, picked.new_zeros(B, H, T, nt - n_past)], -1)
+    reads = reads.scatter(-1, (pos // chunk).expand(B, H, T)[..., None], True)  # [B, H, T, NT]
+    slot = reads.cumsum(-1, dtype=torch.int32) - 1
+    by_key = reads.transpose(2, 3)
+    index = torch.where(by_key, by_key.cumsum(-1) - 1, T)  # list position; T collects the unlisted, then is cut
 
-    def compact(u: Tensor) -> tuple[Tensor, Tensor]:
-        order = torch.sort(u, dim=-1, descending=True, stable=True).indices
-        return order.to(torch.int32).contiguous(), u.sum(-1, dtype=torch.int32).contiguous()
+    def listed(values: Tensor) -> Tensor:
+        out = torch.zeros(B, H, nt, T + 1, dtype=torch.int32, device=dev)
+        return out.scatter_(-1, index, values.to(torch.int32).expand(B, H, nt, T).contiguous())[..., :T].contiguous()
 
-    return (bits, *compact(k_union.transpose(2, 3)), *compact(k_union))
+    counts = by_key.sum(-1, dtype=torch.int32)
+    tiles = (counts + chunk - 1) // chunk
+    ends = tiles.cumsum(-1)
+    n_work = triton.cdiv(T * slots, chunk) + nt
+    w = torch.arange(n_work, device=dev)
+    j = torch.searchsorted(ends.view(B * H, nt), w.expand(B * H, n_work).contiguous(), right=True).view(B, H, n_work)
+    first = (w - (ends - tiles).gather(-1, j.clamp(max=nt - 1))) * chunk
+    work = torch.where(j < nt, j * T + first, -1).to(torch.int32)
+    return listed(pos), listed(slot.transpose(2, 3)), counts.contiguous(), work.contiguous()
 
 
 def _launch_opts(chunk: int, dtype: torch.dtype) -> dict:
@@ -369,157 +406,160 @@ def _launch_opts(chunk: int, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, BITS, QLIST, QCNT, O, LSE, qk_scale, T, NT, H, HKV, G,
+def _fwd_kernel(Q, K, V, ROWS, SLOTS, COUNTS, WORK, PART_O, PART_LSE, qk_scale, T, NT, W, S, H, HKV, G,
                 BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """One query tile (= query chunk) of one query head over its listed key chunks, the diagonal one causal."""
-    bh, tile = tl.program_id(0), tl.program_id(1)
+    """One work item: key chunk j against a tile of the queries that read it; writes each query's partial
+    (softmax-normalised output, lse) for j into its slot. The causal test cols <= rows only bites on j's own chunk."""
+    bh, w = tl.program_id(0), tl.program_id(1)
+    item = tl.load(WORK + bh.to(tl.int64) * W + w)
+    if item < 0:
+        return
+    j, first = item // T, item % T
     kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
-    bits_base, list_base = bh.to(tl.int64) * NT * T, (bh.to(tl.int64) * NT + tile) * NT
-    rows, ar, d = tile * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
-    row_ok = rows < T
-    q_off = bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :]
-    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0).to(DT)
-    m_i = tl.full((BLOCK,), -1.0e30, tl.float32)  # finite: a row with nothing visible yet gets p = 0, not NaN
-    l_i = tl.zeros((BLOCK,), tl.float32)
-    acc = tl.zeros((BLOCK, D), tl.float32)
-    for it in range(tl.load(QCNT + bh * NT + tile)):
-        j = tl.load(QLIST + list_base + it)
-        sel = tl.load(BITS + bits_base + j * T + rows, mask=row_ok, other=0) != 0
-        cols = j * BLOCK + ar
-        kv_off = kv_base + cols[:, None] * D + d[None, :]
-        k = tl.load(K + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
-        v = tl.load(V + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        s = tl.where(tl.where(j == tile, cols[None, :] <= rows[:, None], sel[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        acc = acc * alpha[:, None] + tl.dot(p.to(Q.dtype.element_ty).to(DT), v, input_precision=PREC)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_new
-    tl.store(O + q_off, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=row_ok[:, None])
-    tl.store(LSE + bh.to(tl.int64) * T + rows, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=row_ok)
+    list_base = (bh.to(tl.int64) * NT + j) * T
+    e, ar, d = first + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
+    ok = e < tl.load(COUNTS + bh * NT + j)
+    rows = tl.load(ROWS + list_base + e, mask=ok, other=0)
+    slot = tl.load(SLOTS + list_base + e, mask=ok, other=0)
+    q = tl.load(Q + bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(DT)
+    cols = j * BLOCK + ar
+    kv_off = kv_base + cols[:, None] * D + d[None, :]
+    k = tl.load(K + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
+    v = tl.load(V + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
+    s = tl.where((cols[None, :] <= rows[:, None]) & ok[:, None], s, float("-inf"))
+    m = tl.maximum(tl.max(s, 1), -1.0e30)  # finite: an unlisted row gets p = 0, not NaN (it is not stored)
+    p = tl.exp2(s - m[:, None])
+    l_i = tl.where(ok, tl.sum(p, 1), 1.0)
+    o = tl.dot(p.to(Q.dtype.element_ty).to(DT), v, input_precision=PREC) / l_i[:, None]
+    part = (bh.to(tl.int64) * T + rows) * S + slot
+    tl.store(PART_O + part[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty), mask=ok[:, None])
+    tl.store(PART_LSE + part, (m + tl.log2(l_i)) * TL_LN2, mask=ok)
 
 
 @triton.jit
-def _dq_kernel(Q, K, V, DO, LSE, DELTA, BITS, QLIST, QCNT, DQ, sm_scale, qk_scale, T, NT, H, HKV, G,
-               BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """dQ of one query tile: the forward's loop with P = exp(S - lse) recomputed."""
-    bh, tile = tl.program_id(0), tl.program_id(1)
-    kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
-    bits_base, list_base = bh.to(tl.int64) * NT * T, (bh.to(tl.int64) * NT + tile) * NT
-    rows, ar, d = tile * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
-    row_ok = rows < T
-    q_off = bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :]
-    q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0).to(DT)
-    do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0).to(DT)
-    lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
-    dq = tl.zeros((BLOCK, D), tl.float32)
-    for it in range(tl.load(QCNT + bh * NT + tile)):
-        j = tl.load(QLIST + list_base + it)
-        sel = tl.load(BITS + bits_base + j * T + rows, mask=row_ok, other=0) != 0
-        cols = j * BLOCK + ar
-        kv_off = kv_base + cols[:, None] * D + d[None, :]
-        k = tl.load(K + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
-        v = tl.load(V + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
-        allowed = tl.where(j == tile, cols[None, :] <= rows[:, None], sel[:, None])
-        p = tl.where(allowed, tl.exp2(s - lse2[:, None]), 0.0)
-        ds = p * (tl.dot(do, tl.trans(v), input_precision=PREC) - delta[:, None])
-        dq += tl.dot(ds.to(Q.dtype.element_ty).to(DT), k, input_precision=PREC)
-    tl.store(DQ + q_off, (dq * sm_scale).to(DQ.dtype.element_ty), mask=row_ok[:, None])
+def _merge_kernel(PART_O, PART_LSE, USED, O, LSE, n_rows, S, BLOCK_R: tl.constexpr, D: tl.constexpr):
+    """Each query's output and lse from its `used` partials: the log-sum-exp merge, online over the slots."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok, d = r < n_rows, tl.arange(0, D)
+    used = tl.load(USED + r, mask=ok, other=0)
+    m = tl.full((BLOCK_R,), -1.0e30, tl.float32)
+    l_i = tl.zeros((BLOCK_R,), tl.float32)
+    acc = tl.zeros((BLOCK_R, D), tl.float32)
+    for s in range(S):
+        take = ok & (s < used)
+        part = r.to(tl.int64) * S + s
+        lse_s = tl.load(PART_LSE + part, mask=take, other=float("-inf"))
+        m_new = tl.maximum(m, lse_s)
+        alpha, weight = tl.exp(m - m_new), tl.exp(lse_s - m_new)
+        o_s = tl.load(PART_O + part[:, None] * D + d[None, :], mask=take[:, None], other=0.0).to(tl.float32)
+        acc = acc * alpha[:, None] + weight[:, None] * o_s
+        l_i = l_i * alpha + weight
+        m = m_new
+    l_i = tl.where(ok, l_i, 1.0)
+    tl.store(O + r.to(tl.int64)[:, None] * D + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=ok[:, None])
+    tl.store(LSE + r, m + tl.log(l_i), mask=ok)
 
 
 @triton.jit
-def _dkv_kernel(Q, K, V, DO, LSE, DELTA, BITS, KLIST, KCNT, DK, DV, sm_scale, qk_scale, T, NT, H, HKV, G,
-                BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """dK, dV of key chunk j for one query head over its listed query tiles (its own one causal)."""
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, ROWS, SLOTS, COUNTS, PART_DQ, DK, DV, sm_scale, qk_scale, T, NT, S, H, HKV,
+                G, BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Key chunk j of one query head over every tile of the queries that read it: dK and dV accumulate here; each
+    query's dQ share from j goes to its slot (summed after: deterministic, no atomics)."""
     bh, j = tl.program_id(0), tl.program_id(1)
     kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
-    q_base, bits_base = bh.to(tl.int64) * T * D, bh.to(tl.int64) * NT * T + j * T
-    list_base = (bh.to(tl.int64) * NT + j) * NT
+    q_base, list_base = bh.to(tl.int64) * T * D, (bh.to(tl.int64) * NT + j) * T
     cols, ar, d = j * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
     col_ok = cols < T
     k = tl.load(K + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
     v = tl.load(V + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
     dk = tl.zeros((BLOCK, D), tl.float32)
     dv = tl.zeros((BLOCK, D), tl.float32)
-    for it in range(tl.load(KCNT + bh * NT + j)):
-        i = tl.load(KLIST + list_base + it)
-        rows = i * BLOCK + ar
-        row_ok = rows < T
-        sel = tl.load(BITS + bits_base + rows, mask=row_ok, other=0) != 0
+    count = tl.load(COUNTS + bh * NT + j)
+    for first in range(0, count, BLOCK):
+        e = first + ar
+        ok = e < count
+        rows = tl.load(ROWS + list_base + e, mask=ok, other=0)
+        slot = tl.load(SLOTS + list_base + e, mask=ok, other=0)
         q_off = q_base + rows[:, None] * D + d[None, :]
-        q = tl.load(Q + q_off, mask=row_ok[:, None], other=0.0).to(DT)
-        do = tl.load(DO + q_off, mask=row_ok[:, None], other=0.0).to(DT)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=row_ok, other=0.0)
+        q = tl.load(Q + q_off, mask=ok[:, None], other=0.0).to(DT)
+        do = tl.load(DO + q_off, mask=ok[:, None], other=0.0).to(DT)
+        lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=ok, other=0.0) * TL_LOG2E
+        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [keys, queries]
-        allowed = tl.where(i == j, (cols[:, None] <= rows[None, :]) & row_ok[None, :], sel[None, :])
-        pt = tl.where(allowed, tl.exp2(st - lse2[None, :]), 0.0)
+        pt = tl.where((cols[:, None] <= rows[None, :]) & ok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
         dv += tl.dot(pt.to(Q.dtype.element_ty).to(DT), do, input_precision=PREC)
-        dst = pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])
-        dk += tl.dot(dst.to(Q.dtype.element_ty).to(DT), q, input_precision=PREC)
+        dst = (pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])).to(Q.dtype.element_ty).to(DT)
+        dk += tl.dot(dst, q, input_precision=PREC)
+        dq = tl.dot(tl.trans(dst), k, input_precision=PREC) * sm_scale
+        part = (bh.to(tl.int64) * T + rows) * S + slot
+        tl.store(PART_DQ + part[:, None] * D + d[None, :], dq, mask=ok[:, None])
     out_off = q_base + cols[:, None] * D + d[None, :]
     tl.store(DK + out_off, dk * sm_scale, mask=col_ok[:, None])
     tl.store(DV + out_off, dv, mask=col_ok[:, None])
 
 
-def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(out, lse) of the chunk memory on contiguous inputs."""
+def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the chunk memory on contiguous inputs: the partials kernel, then the merge."""
     (B, H, T, D), hkv = q.shape, k.shape[1]
-    bits, q_list, q_cnt, _, _ = _schedule(picked, chunk)
-    nt = triton.cdiv(T, chunk)
+    slots = memory_slots(picked.shape[-1], topk)
+    rows, slot, counts, work = _schedule(picked, chunk, slots)
+    part_o = torch.empty(B, H, T, slots, D, dtype=q.dtype, device=q.device)
+    part_lse = torch.empty(B, H, T, slots, dtype=torch.float32, device=q.device)
+    nt, n_work = triton.cdiv(T, chunk), work.shape[-1]
+    _fwd_kernel[(B * H, n_work)](q, k, v, rows, slot, counts, work, part_o, part_lse, LOG2E / math.sqrt(D), T, nt,
+                                 n_work, slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
     out, lse = torch.empty_like(q), torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    _fwd_kernel[(B * H, nt)](q, k, v, bits, q_list, q_cnt, out, lse, LOG2E / math.sqrt(D), T, nt, H, hkv, H // hkv,
-                             D=D, **_launch_opts(chunk, q.dtype))
+    used = (picked.sum(-1, dtype=torch.int32) + 1).contiguous()
+    _merge_kernel[(triton.cdiv(B * H * T, MERGE_BLOCK_ROWS),)](part_o, part_lse, used, out, lse, B * H * T, slots,
+                                                             BLOCK_R=MERGE_BLOCK_ROWS, D=D, num_warps=4)
     return out, lse
 
 
 def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
-                           delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+                           delta: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the chunk memory on contiguous inputs (grad_out in q's dtype, lse and delta fp32)."""
     (B, H, T, D), hkv = q.shape, k.shape[1]
-    bits, q_list, q_cnt, k_list, k_cnt = _schedule(picked, chunk)
-    nt, sm_scale, opts = triton.cdiv(T, chunk), 1.0 / math.sqrt(D), _launch_opts(chunk, q.dtype)
-    dq = torch.empty_like(q)
+    slots = memory_slots(picked.shape[-1], topk)
+    rows, slot, counts, _ = _schedule(picked, chunk, slots)
+    nt, sm_scale = triton.cdiv(T, chunk), 1.0 / math.sqrt(D)
+    part_dq = torch.zeros(B, H, T, slots, D, dtype=torch.float32, device=q.device)  # a query's unused slots add 0
     dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
-    scalars = (sm_scale, sm_scale * LOG2E, T, nt, H, hkv, H // hkv)
-    _dq_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, q_list, q_cnt, dq, *scalars, D=D, **opts)
-    _dkv_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, bits, k_list, k_cnt, dk, dv, *scalars, D=D, **opts)
-    return dq, dk.view(B, hkv, H // hkv, T, D).sum(2).to(k.dtype), dv.view(B, hkv, H // hkv, T, D).sum(2).to(v.dtype)
+    _bwd_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, rows, slot, counts, part_dq, dk, dv, sm_scale,
+                             sm_scale * LOG2E, T, nt, slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
+    group = (B, hkv, H // hkv, T, D)
+    return part_dq.sum(3).to(q.dtype), dk.view(group).sum(2).to(k.dtype), dv.view(group).sum(2).to(v.dtype)
 
 
 @torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
-def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
     """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32); see the module docstring."""
-    check_chunk_memory_inputs(q, k, v, chunk, picked)
-    return launch_memory_forward(q.contiguous(), k.contiguous(), v.contiguous(), picked, chunk)
+    check_chunk_memory_inputs(q, k, v, chunk, picked, topk)
+    return launch_memory_forward(q.contiguous(), k.contiguous(), v.contiguous(), picked, chunk, topk)
 
 
 @chunk_memory_op.register_fake
-def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("convgpt::chunk_memory_backward", mutates_args=())
 def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
-                             delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+                             delta: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
     return launch_memory_backward(grad_out.contiguous().to(q.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
-                                  picked, lse.float().contiguous(), delta.float().contiguous(), chunk)
+                                  picked, lse.float().contiguous(), delta.float().contiguous(), chunk, topk)
 
 
 @chunk_memory_backward_op.register_fake
-def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor, delta: Tensor,
-      chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
+                                delta: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _chunk_memory_setup(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, picked, ctx.chunk = inputs
+    q, k, v, picked, ctx.chunk, ctx.topk = inputs
     ctx.save_for_backward(q, k, v, picked, *output)
 
 
@@ -530,8 +570,8 @@ def _chunk_memory_grad(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) ->
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, picked, lse, delta, ctx.chunk)
-    return dq, dk, dv, None, None
+    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, picked, lse, delta, ctx.chunk, ctx.topk)
+    return dq, dk, dv, None, None, None
 
 
 chunk_memory_op.register_autograd(_chunk_memory_grad, setup_context=_chunk_memory_setup)
@@ -542,7 +582,7 @@ def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) 
     check_chunk_memory_inputs(q, k, v, chunk)
     with torch.no_grad():
         picked = chunk_routing(q.detach(), k.detach(), chunk, topk)
-    return chunk_memory_op(q, k, v, picked, chunk)[0]
+    return chunk_memory_op(q, k, v, picked, chunk, topk)[0]
 
 
 SELF_TEST_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|

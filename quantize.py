@@ -118,7 +118,8 @@ def gptq_quantize_rows(w: torch.Tensor, hessian: torch.Tensor, qmax: int, clip_r
         chol = torch.linalg.cholesky(damped[order][:, order].double())
         u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True).float()
     except torch.linalg.LinAlgError:
-        raise ValueError("GPTQ: the damped Hessian is not positive definite; raise the damping") from None
+        raise ValueError(f"the Hessian damped by {damp} of its mean diagonal is not positive definite; raise the "
+                         f"damping") from None
     amax = w.abs().amax(dim=1)
     scales = torch.stack([_fp16_scale(ratio * amax, qmax) for ratio in clip_ratios])
     gptq = _gptq_levels(w[:, order].expand(len(clip_ratios), -1, -1), u, scales, qmax, block_size)
@@ -153,8 +154,11 @@ def quantize_state_dict(
             elif tuple(h.shape) != (t.shape[1],) * 2:
                 raise ValueError(f"{name}: Hessian of shape {list(h.shape)} for a weight of shape {list(t.shape)}")
             else:
-                entry["q"], entry["scale"] = gptq_quantize_rows(t.float().to(h.device), h, QMAX[kind], clip_ratios,
-                                                                gptq_block, gptq_damp)
+                try:
+                    entry["q"], entry["scale"] = gptq_quantize_rows(t.float().to(h.device), h, QMAX[kind],
+                                                                    clip_ratios, gptq_block, gptq_damp)
+                except ValueError as e:
+                    raise ValueError(f"{name}: {e}") from None
         elif kind in PASSTHROUGH:
             entry["data"] = t.to(PASSTHROUGH[kind], copy=True)
         else:

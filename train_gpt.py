@@ -994,9 +994,10 @@ def collect_hessians(model: ConvGPT, d: Dist) -> dict[str, Tensor]:
 def relative_output_error(state: Mapping[str, Tensor], qsd: Mapping, hessians: Mapping[str, Tensor]) -> float:
     """sum of ||(W_q - W) x||^2 over sum of ||W x||^2 on the calibration inputs, over the matrices in hessians."""
     err = base = 0.0
+    restored = dequantize_state_dict({name: qsd[name] for name in hessians})
     for name, h in hessians.items():
         w, h = state[name].float(), h.cpu()
-        err += output_error(qsd[name]["q"].float() * qsd[name]["scale"].float()[:, None] - w, h).sum().item()
+        err += output_error(restored[name].float() - w, h).sum().item()
         base += output_error(w, h).sum().item()
     return err / base
 
@@ -1013,7 +1014,7 @@ def quantize_model(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> dict:
     try:
         qsd = quantize_state_dict(state, plan, ratios, hessians, args.gptq_block, args.gptq_damp)
     except ValueError as e:
-        raise FatalError(f"{e} (GPTQ_DAMP={args.gptq_damp}); no artifact written") from None
+        raise FatalError(f"GPTQ: {e}; no artifact written") from None
     ms = 1000 * (time.perf_counter() - t0)
     clip = quantize_state_dict({name: state[name] for name in hessians}, plan, ratios)
     log(f"gptq matrices:{len(hessians)} calib_tokens:{args.gptq_calib_batches * args.train_batch_tokens} "

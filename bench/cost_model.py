@@ -10,17 +10,20 @@ Runbook
 This is a model, not a measurement: a GPU step time replaces it (bench/gpu_preflight.py). What it does:
   1. Work per token, per component, from one meta-device forward (nothing is computed):
      * matmul FLOPs are bench/flops.py's count (the same code as the ablation table's column);
-     * attention FLOPs: FlashAttention does the causal work (t + 1 keys per query). The chunk memory kernel does
-       more: a 64-query tile reads every key chunk any of its queries picked (the union), in full 64 x 64 blocks.
-       So its work is memory_work_over_ideal x (top-k + 1) blocks per tile, taken from the kernel's own schedule
-       (convgpt_ops._schedule) on routing from a trained model (--routing). Without one it is the bound: every
-       earlier chunk;
+     * attention FLOPs: FlashAttention does the causal work (t + 1 keys per query). The chunk memory kernel is
+       key-chunk-major: key chunk j runs against the queries that read it (its own chunk's and those that picked
+       it) in tiles of 64, so its work is the (query, chunk) pairs rounded up to whole 64 x 64 blocks:
+       memory_work_over_ideal x (top-k + 1) blocks per 64 queries, taken from the kernel's own schedule
+       (convgpt_ops._schedule) on routing from a trained model (--routing). Without one it is the schedule's bound:
+       at most one partly filled tile per picked key chunk (schedule_bound_ratio);
      * bytes: every non-matmul aten op's inputs plus outputs (views and factories move nothing), as eager PyTorch
        would move them. The custom ops count what their kernels read and write, plus the .contiguous() copies
-       that their wrappers make of strided inputs.
-  2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention 3.5x
-     (2 forward + 5 backward matmul passes, over 2); the chunk memory 4.5x (its backward has 7 passes: the dq kernel
-     3, the dk/dv kernel 4); bytes 3x (the backward reads what the forward saved and writes gradients).
+       that their wrappers make of strided inputs. The chunk memory's partial results are counted apart, for the
+       whole step: forward partials (output in q's dtype, lse fp32) written and merged, backward dQ slots (fp32)
+       zeroed, written and summed.
+  2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention and the
+     chunk memory 3.5x (2 forward + 5 backward matmul passes, over 2: the memory's one backward kernel recomputes
+     S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients).
   3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
        matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
        + routing FLOPs / matmul rate + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
@@ -61,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from bench.flops import count_forward_flops, memory_keys  # noqa: E402
-from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing, memory_is_dense  # noqa: E402
+from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing, memory_is_dense, memory_slots  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
 
 H100_BF16_FLOPS = 989e12  # H100 SXM5 dense bf16 tensor-core peak, NVIDIA datasheet
@@ -69,7 +72,7 @@ NVLINK_BYTES_S = 450e9  # H100 NVLink 4, per direction per GPU (900 GB/s both wa
 MATMUL_EFFICIENCY = 0.6  # assumed share of bf16 peak for [65536 x 512] @ [512 x N] matmuls
 BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHALLENGE.md, issue 12)
 GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
-TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 4.5, "bytes": 3.0}  # training work / forward work
+TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 3.5, "bytes": 3.0}  # training work / forward work
 BASELINE_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all", "MLP_MULT": "2", "MLP_ACT": "relu2",
                 "BIGRAM_BUCKETS": "0", "SMEAR_GATE": "0"}  # every block attention: the baseline's transformer
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
@@ -128,6 +131,7 @@ class Work:
     flash_flops: float
     memory_flops: float  # what the chunk memory kernel executes
     route_flops: float
+    partial_bytes: float  # the chunk memory's partial results, per token, for the whole training step
     bytes_by_part: dict[str, float]  # moved by non-matmul ops in the forward, per token: embed, conv, memory, mlp,
     # block (norms, residual and branch scales), other (embedding, SmearGate, final norm, softcap, loss)
     matrix_params: int
@@ -148,17 +152,18 @@ def ideal_blocks(seq_len: int, chunk: int, topk: int) -> int:
     return sum(min(topk, i) + 1 for i in range(-(-seq_len // chunk)))
 
 
-def every_chunk_ratio(seq_len: int, chunk: int, topk: int) -> float:
-    """memory_work_over_ideal when every tile's union is every earlier chunk (the bound; random init is close)."""
-    n = -(-seq_len // chunk)
-    return n * (n + 1) / 2 / ideal_blocks(seq_len, chunk, topk)
+def schedule_bound_ratio(seq_len: int, chunk: int, topk: int) -> float:
+    """The most memory_work_over_ideal can be for any routing: key chunk j's list is its own chunk (one full tile)
+    and the queries that picked it, so rounding up wastes less than one tile per pickable chunk."""
+    ideal = ideal_blocks(seq_len, chunk, topk)
+    return (ideal + (seq_len - 1) // chunk * (chunk - 1) / chunk) / ideal
 
 
 def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_body: bool) -> Work:
     """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes; bf16_body: every parameter bf16,
     as the baseline keeps its body, so the residual stream and what follows from it are bf16 too.
-    work_over_ideal None = every earlier chunk (the bound)."""
-    T, counter = seq_len, ByteCounter()
+    work_over_ideal None = the schedule's bound."""
+    T, counter, partial = seq_len, ByteCounter(), [0.0]
     args = replace(args, train_seq_len=T, eval_seq_len=0)
     flops = count_forward_flops(args, T)
     attn = {"flash": 0.0, "memory": 0.0}
@@ -169,9 +174,12 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         if memory_is_dense(T, chunk, topk):
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
+        slots = memory_slots((T - 1) // chunk, topk)
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
-            _schedule(chunk_routing(q, k, chunk, topk), chunk)
-        ratio = work_over_ideal if work_over_ideal is not None else every_chunk_ratio(T, chunk, topk)
+            _schedule(chunk_routing(q, k, chunk, topk), chunk, slots)
+        per_slot = 2 * q.shape[3] * q.element_size() + 2 * 4 + 3 * q.shape[3] * 4  # fwd out + lse, bwd dq slots
+        partial[0] += q.shape[0] * q.shape[1] * T * slots * per_slot
+        ratio = work_over_ideal if work_over_ideal is not None else schedule_bound_ratio(T, chunk, topk)
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
         return torch.empty_like(q)
 
@@ -197,6 +205,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     matrices = [m.weight for m in train_gpt.block_matrices(model).values()]
     return Work(matmul_flops=flops.total - per_token["memory_attn"] - per_token["memory_route"],
                 flash_flops=attn["flash"] / n, memory_flops=attn["memory"] / n, route_flops=per_token["memory_route"],
+                partial_bytes=partial[0] / n,
                 bytes_by_part={k: v / n for k, v in counter.by_part.items()}, matrix_params=sum(p.numel() for p in matrices),
                 params=sum(p.numel() for p in model.parameters()))
 
@@ -226,7 +235,7 @@ def step_ms(work: Work, args: Hyperparameters, rates: Rates) -> dict[str, float]
         "attention": 1e3 * tokens * (TRAIN_X["flash"] * work.flash_flops + TRAIN_X["memory"] * work.memory_flops)
         / rates.flash_flops_s,
         "routing": 1e3 * tokens * work.route_flops / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),  # no_grad: no backward
-        "bytes": 1e3 * tokens * TRAIN_X["bytes"] * work.bytes / rates.bytes_s,
+        "bytes": 1e3 * tokens * (TRAIN_X["bytes"] * work.bytes + work.partial_bytes) / rates.bytes_s,
         "optimizer": 1e3 * muon_flops(args) / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),
         "all_reduce": 1e3 * ring * (4 * work.params + 2 * work.matrix_params),
     }
@@ -250,9 +259,10 @@ def calibrate() -> Rates:
 
 def scheduled_blocks(picked: torch.Tensor, chunk: int, topk: int) -> tuple[int, int]:
     """(key blocks the kernel executes, ideal blocks) for one routing [B, H, T, n_past]: the executed count is the
-    kernel's own schedule (convgpt_ops._schedule, q_cnt per query tile)."""
-    _, _, q_cnt, _, _ = _schedule(picked, chunk)
-    return int(q_cnt.sum()), picked.shape[0] * picked.shape[1] * ideal_blocks(picked.shape[2], chunk, topk)
+    kernel's own schedule (convgpt_ops._schedule: each key chunk's listed queries in tiles of chunk)."""
+    _, _, counts, _ = _schedule(picked, chunk, memory_slots(picked.shape[-1], topk))
+    executed = int(((counts + chunk - 1) // chunk).sum())
+    return executed, picked.shape[0] * picked.shape[1] * ideal_blocks(picked.shape[2], chunk, topk)
 
 
 def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, val_tokens: torch.Tensor) -> float:
@@ -284,7 +294,9 @@ def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: fl
     work = forward_work(args, seq_len, work_over_ideal, bf16_body)
     parts = step_ms(work, args, rates)
     ms = sum(parts.values())
-    bytes_ms = {k: parts["bytes"] * v / work.bytes for k, v in work.bytes_by_part.items()}
+    per_byte = 1e3 * TOKENS_PER_STEP / GPUS / rates.bytes_s
+    bytes_ms = {k: per_byte * TRAIN_X["bytes"] * v for k, v in work.bytes_by_part.items()}
+    bytes_ms["memory partials"] = per_byte * work.partial_bytes
     return {"ms_per_step": ms, "parts_ms": parts, "bytes_ms": bytes_ms, "steps_in_600s": int(TIME_BUDGET_S * 1e3 / ms),
             "tokens_seen": int(TIME_BUDGET_S * 1e3 / ms) * TOKENS_PER_STEP,
             "fwd_flops_per_token": work.matmul_flops + work.flash_flops + work.memory_flops + work.route_flops}
@@ -311,14 +323,14 @@ def report(cli: argparse.Namespace, env: dict[str, str]) -> dict:
 def json_object(cli: argparse.Namespace, env: dict[str, str], result: dict) -> dict:
     row, T = result["rows"][cli.seq_len], cli.seq_len
     args = Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(T)})
-    sparse = args.mem_every > 0 and args.mem_topk < (T - 1) // args.mem_chunk
-    ratio = result["ratios"].get(T, every_chunk_ratio(T, args.mem_chunk, args.mem_topk)) if sparse else None
+    sparse = args.mem_every > 0 and not memory_is_dense(T, args.mem_chunk, args.mem_topk)
+    ratio = result["ratios"].get(T, schedule_bound_ratio(T, args.mem_chunk, args.mem_topk)) if sparse else None
     return {"seq_len": T, "settings": env,
             "predicted_ms_per_step": {name: r["ms_per_step"] for name, r in row.items()},
             "ratio_to_baseline": row["default"]["ms_per_step"] / row["baseline"]["ms_per_step"],
             "memory_work_over_ideal": {"default": ratio},
             "memory_work_source": None if not sparse else f"routing of {cli.routing}" if cli.routing
-            else "bound: every earlier chunk",
+            else "bound: the schedule's worst case",
             "parts_ms": {name: r["parts_ms"] for name, r in row.items()},
             "steps_in_600s": {name: r["steps_in_600s"] for name, r in row.items()},
             "calibration": {"flash_flops_s": result["rates"].flash_flops_s, "bytes_s": result["rates"].bytes_s},
@@ -351,7 +363,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}; "
           f"body {'bf16 (as the baseline)' if cli.bf16_body else 'fp32 parameters, CUDA autocast dtypes'}; memory work: "
           + (", ".join(f"{r:.2f}x ideal at {T}" for T, r in result["ratios"].items()) if result["ratios"]
-             else "bound (every earlier chunk; no --routing)"))
+             else "the schedule's bound (no --routing)"))
     for T, row in result["rows"].items():
         print(f"\nseq_len {T}")
         print(f"  {'part (ms/step)':16}" + "".join(f"{name:>12}" for name in row))

@@ -154,3 +154,19 @@ def test_eval_at_resume_and_plot(smoke_data, tmp_path, capsys):
     assert ablate.main([*args, "--resume", "--env=MLP_MULT=3"]) == 0
     out = capsys.readouterr().out
     assert "default_seed1 exit:0" in out and "default_seed1_eval128 exit:0" in out and "dense_seed1 reused:" in out
+
+
+def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_path):
+    """bench/results/proxy_logs/default_seed1.txt predates GPTQ, TTT_MODE and PRESET: it is reused while those
+    settings stay at their defaults, and not when one of them is set, or when the log names an unknown setting."""
+    log = ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt"
+    run = ablate.parse_log(log.read_text(), str(log))
+    assert "gptq" not in run.hp and "ttt_mode" not in run.hp
+    env = {key.upper(): value for key, value in run.hp.items()}
+    assert ablate.reusable(log, env, run.world_size) is not None
+    assert ablate.reusable(log, {**env, "GPTQ": "1"}, run.world_size) is None
+    assert ablate.reusable(log, {**env, "TTT_MODE": "lora"}, run.world_size) is None
+    assert ablate.reusable(log, env, run.world_size + 1) is None
+    unknown = tmp_path / "unknown.txt"
+    unknown.write_text("hp no_such_setting:1\n" + log.read_text())
+    assert ablate.reusable(unknown, env, run.world_size) is None

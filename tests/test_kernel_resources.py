@@ -24,7 +24,7 @@ def compile_rows(*flags: str) -> list[dict]:
 def test_default_shapes_compile_for_sm90_without_spills():
     rows = compile_rows()
     kernels = {row["kernel"] for row in rows}
-    assert kernels == {"_gather_conv_kernel", "_gather_conv_wgrad_kernel", "_fwd_kernel", "_dq_kernel", "_dkv_kernel"}
+    assert kernels == {"_gather_conv_kernel", "_gather_conv_wgrad_kernel", "_fwd_kernel", "_merge_kernel", "_bwd_kernel"}
     cases = {row["case"] for row in rows}
     assert any("T=1024" in c for c in cases) and any("T=2048" in c for c in cases)
     assert any("float32" in c for c in cases) and any("bfloat16" in c for c in cases)
@@ -33,7 +33,7 @@ def test_default_shapes_compile_for_sm90_without_spills():
         assert row["fits"] and row["shared_bytes"] <= 227 * 1024 and row["blocks_per_sm"] >= 1, row
         if "bfloat16" in row["case"]:
             assert row["spill_bytes"] == 0 and row["stack_bytes"] == 0, row
-        if row["kernel"] in ("_fwd_kernel", "_dq_kernel", "_dkv_kernel"):
+        if row["kernel"] in ("_fwd_kernel", "_bwd_kernel"):
             assert row["mma"] == "HGMMA", f"{row['kernel']} does not use Hopper's wgmma: {row}"
 
 
@@ -47,5 +47,6 @@ def test_every_admitted_memory_tile_fits_and_the_refused_one_does_not():
         if row["admitted"]:
             assert row["fits"], f"check_memory_sizes admits a tile that cannot launch: {row}"
     refused = [row for row in rows if not row["admitted"]]
-    assert refused and {r["case"] for r in refused} == {r["case"] for r in refused if "D=128 chunk=256" in r["case"]}
+    assert {r["case"].split(" ", 2)[2] for r in refused} == {"D=128 chunk=128 bfloat16", "D=64 chunk=256 bfloat16",
+                                                             "D=128 chunk=256 bfloat16"}
     assert not all(r["fits"] for r in refused), "check_memory_sizes refuses a tile that fits"

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from convgpt_ops import (check_chunk_memory_inputs, check_memory_sizes, chunk_memory_op, chunk_memory_ref,
-                         chunk_memory_triton, chunk_routing)
+from convgpt_ops import (_schedule, check_chunk_memory_inputs, check_memory_sizes, chunk_memory_op, chunk_memory_ref,
+                         chunk_memory_triton, chunk_routing, memory_slots)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -90,6 +90,23 @@ def test_causal_outputs_and_gradients(t):
     assert (leaves[2].grad[:, :, t] != 0).any()
 
 
+def test_schedule_lists_each_reading_query_once_and_tiles_cover_the_lists():
+    T, topk = 100, 2  # 7 chunks of 16, the last one partial
+    q, k, _, _ = make(2, 2, 1, T, 16, seed=3)
+    picked = chunk_routing(q, k, C, topk).cpu()
+    rows, slots, counts, work = (x.cpu() for x in _schedule(picked, C, memory_slots(picked.shape[-1], topk)))
+    n_past, nt = picked.shape[-1], -(-T // C)
+    for b in range(2):
+        for h in range(2):
+            for j in range(nt):
+                readers = [t for t in range(T) if t // C == j or (j < n_past and picked[b, h, t, j])]
+                n = int(counts[b, h, j])
+                assert n == len(readers) and rows[b, h, j, :n].tolist() == readers
+                assert slots[b, h, j, :n].tolist() == [int(picked[b, h, t, :j].sum()) for t in readers]
+            items = [(int(w) // T, int(w) % T) for w in work[b, h] if w >= 0]
+            assert sorted(items) == [(j, f) for j in range(nt) for f in range(0, int(counts[b, h, j]), C)]
+
+
 def test_backward_is_bitwise_deterministic():
     q, k, v, grad = make(1, 4, 1, 65, 16, seed=11)
     first, second = (run(chunk_memory_triton, q, k, v, grad, 2)[1] for _ in range(2))
@@ -100,7 +117,7 @@ def test_lse_output_and_its_gradient():
     q, k, v, _ = make(1, 2, 1, 40, 16, seed=13)
     picked = chunk_routing(q, k, C, 1)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = chunk_memory_op(*leaves, picked, C)
+    out, lse = chunk_memory_op(*leaves, picked, C, 1)
     tol = TOL[DTYPE]
     assert lse.shape == (1, 2, 40) and lse.dtype == torch.float32
     pos = torch.arange(40, device=DEVICE)
@@ -120,7 +137,7 @@ def test_lse_output_and_its_gradient():
 def test_opcheck():
     q, k, v, _ = make(1, 2, 1, 33, 16, seed=17)
     picked = chunk_routing(q, k, C, 1)
-    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [picked, C]))
+    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [picked, C, 1]))
 
 
 def test_torch_compile_fullgraph():
@@ -156,18 +173,32 @@ def test_rejects_bad_inputs(over, chunk, needle):
 def test_rejects_bad_picked():
     q, k, v = good()
     with pytest.raises(ValueError, match="picked must be bool"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.uint8, device=DEVICE), C)
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.uint8, device=DEVICE), C, 1)
     with pytest.raises(ValueError, match=r"\(1, 4, 32, 1\)"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.bool, device=DEVICE), C)
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.bool, device=DEVICE), C, 1)
+    with pytest.raises(ValueError, match="topk -1 must be >= 0"):
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 1, dtype=torch.bool, device=DEVICE), C, -1)
+
+
+@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the check is a device-side assert: it would end the CUDA "
+                    "context of every later test in the process")
+def test_refuses_a_routing_with_more_picks_than_slots():
+    """Each picked chunk has one partial-result slot: more than topk picks per query would write past them."""
+    q, k, v, _ = make(1, 2, 1, 4 * C, 16)
+    picked = chunk_routing(q, k, C, 3)
+    chunk_memory_op(q, k, v, picked, C, 3)
+    with pytest.raises(RuntimeError, match="picked routes more than topk=2 chunks to a query"):
+        chunk_memory_op(q, k, v, picked, C, 2)
 
 
 def test_refuses_what_cannot_launch_on_hopper():
     """check_memory_sizes admits exactly the tiles whose kernels fit a Hopper block (tests/test_kernel_resources.py
     compiles both sides of the bound for sm_90)."""
-    for chunk, head_dim in ((16, 128), (128, 128), (256, 64)):
+    for chunk, head_dim in ((16, 128), (64, 128), (128, 64), (256, 32)):
         check_memory_sizes(chunk, head_dim)
-    with pytest.raises(ValueError, match="chunk 256 x head dim 128 needs more than the 227 KB"):
-        check_memory_sizes(256, 128)
+    for chunk, head_dim in ((128, 128), (256, 64)):
+        with pytest.raises(ValueError, match=f"chunk {chunk} x head dim {head_dim} needs more than the 227 KB"):
+            check_memory_sizes(chunk, head_dim)
 
 
 def test_compiled_path_refuses_fp32(monkeypatch: pytest.MonkeyPatch):

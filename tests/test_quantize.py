@@ -319,5 +319,5 @@ def test_gptq_through_the_state_dict_and_its_errors(sample):
     assert torch.equal(back["mlp.w"], qsd["mlp.w"]["q"].float() * qsd["mlp.w"]["scale"].float()[:, None])
     with pytest.raises(ValueError, match=r"mlp.w: Hessian of shape \[39, 39\] for a weight of shape \[16, 40\]"):
         Q.quantize_state_dict(sd, plan, hessians={"mlp.w": h[:39, :39]})
-    with pytest.raises(ValueError, match="not positive definite"):
+    with pytest.raises(ValueError, match=r"mlp.w: the Hessian damped by 0.01 of its mean diagonal is not positive definite"):
         Q.quantize_state_dict(sd, plan, hessians={"mlp.w": torch.full_like(h, math.nan)})
