@@ -8,7 +8,8 @@ What is here
   conv_taps_inverse(table): which position reads s through tap j (the backward's gather, no atomics).
   causal_gather_conv_ref(u, table, weight) / gather_conv_triton(u, table, inverse, weight):
       depthwise conv over those taps, u [B, T, C], weight [C, J] in u's dtype.
-  chunk_routing(q, k, chunk, topk): which complete earlier chunks each (head, query token) reads.
+  chunk_picks(q, k, chunk, topk) / chunk_routing(...): which complete earlier chunks each (head, query token)
+      reads, as indices (what the kernels take) or as a mask (what the reference takes).
   chunk_memory_ref(q, k, v, chunk, topk) / chunk_memory_triton(...): sparse chunk-token attention,
       q [B, H, T, D], k/v [B, Hkv, T, D] of one dtype (compiled: bf16/fp16); routing stays in PyTorch.
   triton_enabled(device): the switch. CONVGPT_TRITON=1 forces the kernels, 0 the reference, unset means
@@ -273,22 +274,29 @@ def memory_is_dense(seq_len: int, chunk: int, topk: int) -> bool:
     return topk >= (seq_len - 1) // chunk
 
 
-def chunk_routing(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
-    """Bool [B, H, T, n_past] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks each
-    (head, query token) reads, the topk whose mean key scores highest against q_t. A chunk's mean key only
-    averages tokens before t's chunk; routing is never shared between query tokens."""
+def chunk_picks(q: Tensor, k: Tensor, chunk: int, topk: int) -> Tensor:
+    """int64 [B, H, T, min(topk, n_past)] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks
+    each (head, query token) reads, the topk whose mean key scores highest against q_t, in score order; n_past marks
+    a slot left empty (a query with fewer earlier chunks than topk). A chunk's mean key only averages tokens before
+    t's chunk; routing is never shared between query tokens."""
     B, H, T, D = q.shape
     n_past = (T - 1) // chunk
-    q_chunk = torch.arange(T, device=q.device) // chunk
     if n_past == 0 or topk == 0:
-        return torch.zeros(B, H, T, n_past, dtype=torch.bool, device=q.device)
+        return torch.zeros(B, H, T, 0, dtype=torch.long, device=q.device)
     kbar = k[:, :, : n_past * chunk].unflatten(2, (n_past, chunk)).float().mean(3)
     scores = q.float() @ kbar.repeat_interleave(H // k.shape[1], 1).transpose(-1, -2)
-    earlier = torch.arange(n_past, device=q.device)[None, :] < q_chunk[:, None]
-    scores = scores.masked_fill(~earlier, float("-inf"))
-    top = scores.topk(min(topk, n_past), dim=-1)
-    picked = torch.zeros(scores.shape, dtype=torch.bool, device=q.device)
-    return picked.scatter(-1, top.indices, top.values.isfinite())
+    earlier = torch.arange(n_past, device=q.device)[None, :] < (torch.arange(T, device=q.device) // chunk)[:, None]
+    top = scores.masked_fill(~earlier, float("-inf")).topk(min(topk, n_past), dim=-1)
+    return torch.where(top.values.isfinite(), top.indices, n_past)
+
+
+def chunk_routing(q: Tensor, k: Tensor, chunk: int, topk: int) -> Tensor:
+    """Bool [B, H, T, n_past]: chunk_picks as a mask."""
+    B, H, T, _ = q.shape
+    n_past = (T - 1) // chunk
+    picks = chunk_picks(q, k, chunk, topk)
+    mask = torch.zeros(B, H, T, n_past + 1, dtype=torch.bool, device=q.device)
+    return mask.scatter(-1, picks, True)[..., :n_past]
 
 
 def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
@@ -326,11 +334,8 @@ def check_memory_sizes(chunk: int, head_dim: int) -> None:
                          f"block (at most {MEMORY_MAX_TILE} elements)")
 
 
-def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picked: Tensor | None = None,
-                              topk: int = 0) -> None:
-    """Raise ValueError naming the first bad shape, dtype, device or size. A picked routing may hold at most topk
-    chunks per query (each has one partial-result slot): checked on the device without a host sync, so a CUDA
-    violation surfaces at the next synchronisation as a device-side assert."""
+def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picks: Tensor | None = None) -> None:
+    """Raise ValueError naming the first bad shape, dtype, device or size."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be 4-D [B, H, T, D]; got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape:
@@ -350,50 +355,39 @@ def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picke
     if T < 1 or B < 1 or H < 1:
         raise ValueError(f"q {tuple(q.shape)} must have B, H, T >= 1")
     check_memory_sizes(chunk, D)
-    if picked is not None:
-        want = (B, H, T, (T - 1) // chunk)
-        if tuple(picked.shape) != want or picked.dtype != torch.bool or picked.device != q.device:
-            raise ValueError(f"picked must be bool {want} on {q.device}; got {picked.dtype} {tuple(picked.shape)} "
-                             f"on {picked.device}")
-        if topk < 0:
-            raise ValueError(f"topk {topk} must be >= 0")
-        torch._assert_async(picked.sum(-1).max() <= topk, f"picked routes more than topk={topk} chunks to a query")
+    if picks is not None and (picks.dim() != 4 or tuple(picks.shape[:3]) != (B, H, T) or picks.device != q.device
+                              or picks.dtype not in (torch.int32, torch.int64)):
+        raise ValueError(f"picks must be int32/int64 [{B}, {H}, {T}, P] on {q.device}; got {picks.dtype} "
+                         f"{tuple(picks.shape)} on {picks.device}")
 
 
-def memory_slots(n_past: int, topk: int) -> int:
-    """Partial results a query merges: one per picked chunk, plus its own chunk."""
-    return min(topk, n_past) + 1
-
-
-def _schedule(picked: Tensor, chunk: int, slots: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Key-chunk-major work lists (see the module docstring), all int32:
-    rows [B, H, NT, T]: the query positions that read key chunk j, its own chunk's first, then ascending;
-    slots [B, H, NT, T]: each listed query's partial-result slot for j (its chunks in ascending order);
-    counts [B, H, NT]: the listed queries of j;
-    work [B, H, W]: one forward program per entry, j * T + the first list entry of its tile of `chunk` queries,
-    or -1. W = cdiv(T * slots, chunk) + NT bounds the tiles without a host sync."""
-    B, H, T, n_past = picked.shape
-    nt, dev = triton.cdiv(T, chunk), picked.device
-    pos = torch.arange(T, device=dev)
-    reads = torch.cat([picked, picked.new_zeros(B, H, T, nt - n_past)], -1)
-    reads = reads.scatter(-1, (pos // chunk).expand(B, H, T)[..., None], True)  # [B, H, T, NT]
-    slot = reads.cumsum(-1, dtype=torch.int32) - 1
-    by_key = reads.transpose(2, 3)
-    index = torch.where(by_key, by_key.cumsum(-1) - 1, T)  # list position; T collects the unlisted, then is cut
-
-    def listed(values: Tensor) -> Tensor:
-        out = torch.zeros(B, H, nt, T + 1, dtype=torch.int32, device=dev)
-        return out.scatter_(-1, index, values.to(torch.int32).expand(B, H, nt, T).contiguous())[..., :T].contiguous()
-
-    counts = by_key.sum(-1, dtype=torch.int32)
-    tiles = (counts + chunk - 1) // chunk
+def _schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Key-chunk-major work lists (see the module docstring) from picks [B, H, T, P]; a query's pick at or after
+    its own chunk, below 0 or repeated is dropped, so the kernels stay causal whatever the routing. Every query has
+    S = P + 1 slots: its kept picks ascending, then its own chunk. Returns, all int32:
+    pairs [B*H, T*S]: the (query, slot) pairs t * S + s grouped by key chunk, ascending in t within one;
+    starts [B*H, NT + 1]: where key chunk j's pairs begin (its own chunk's queries first, then those that picked it);
+    used [B, H, T]: each query's filled slots;
+    work [B*H, W]: one forward program per entry, j * T + the first pair of its tile of `chunk` pairs, or -1.
+    W = cdiv(T * S, chunk) + NT bounds the tiles without a host sync."""
+    B, H, T, P = picks.shape
+    nt, dev, S = triton.cdiv(T, chunk), picks.device, P + 1
+    own = (torch.arange(T, device=dev) // chunk).view(T, 1).expand(B, H, T, 1)
+    keys = torch.where((picks >= 0) & (picks < own), picks, nt).sort(-1).values
+    repeat = torch.cat([torch.zeros_like(keys[..., :1], dtype=torch.bool), keys[..., 1:] == keys[..., :-1]], -1)
+    keys = torch.cat([keys.masked_fill(repeat, nt), own], -1).sort(-1).values.to(torch.int32)  # own after picks
+    used = (keys < nt).sum(-1, dtype=torch.int32)
+    by_key = keys.view(B * H, T * S).sort(dim=-1, stable=True)
+    bounds = torch.arange(nt + 1, device=dev, dtype=torch.int32).expand(B * H, nt + 1).contiguous()
+    starts = torch.searchsorted(by_key.values, bounds).to(torch.int32)
+    tiles = (starts[:, 1:] - starts[:, :-1] + chunk - 1) // chunk
     ends = tiles.cumsum(-1)
-    n_work = triton.cdiv(T * slots, chunk) + nt
-    w = torch.arange(n_work, device=dev)
-    j = torch.searchsorted(ends.view(B * H, nt), w.expand(B * H, n_work).contiguous(), right=True).view(B, H, n_work)
+    n_work = triton.cdiv(T * S, chunk) + nt
+    w = torch.arange(n_work, device=dev).expand(B * H, n_work).contiguous()
+    j = torch.searchsorted(ends, w, right=True)
     first = (w - (ends - tiles).gather(-1, j.clamp(max=nt - 1))) * chunk
     work = torch.where(j < nt, j * T + first, -1).to(torch.int32)
-    return listed(pos), listed(slot.transpose(2, 3)), counts.contiguous(), work.contiguous()
+    return by_key.indices.to(torch.int32), starts.contiguous(), used.contiguous(), work
 
 
 def _launch_opts(chunk: int, dtype: torch.dtype) -> dict:
@@ -406,7 +400,7 @@ def _launch_opts(chunk: int, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, ROWS, SLOTS, COUNTS, WORK, PART_O, PART_LSE, qk_scale, T, NT, W, S, H, HKV, G,
+def _fwd_kernel(Q, K, V, PAIRS, STARTS, WORK, PART_O, PART_LSE, qk_scale, T, NT, W, S, H, HKV, G,
                 BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """One work item: key chunk j against a tile of the queries that read it; writes each query's partial
     (softmax-normalised output, lse) for j into its slot. The causal test cols <= rows only bites on j's own chunk."""
@@ -416,11 +410,11 @@ def _fwd_kernel(Q, K, V, ROWS, SLOTS, COUNTS, WORK, PART_O, PART_LSE, qk_scale, 
         return
     j, first = item // T, item % T
     kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
-    list_base = (bh.to(tl.int64) * NT + j) * T
+    start = tl.load(STARTS + bh * (NT + 1) + j)
     e, ar, d = first + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
-    ok = e < tl.load(COUNTS + bh * NT + j)
-    rows = tl.load(ROWS + list_base + e, mask=ok, other=0)
-    slot = tl.load(SLOTS + list_base + e, mask=ok, other=0)
+    ok = e < tl.load(STARTS + bh * (NT + 1) + j + 1) - start
+    pair = tl.load(PAIRS + bh.to(tl.int64) * T * S + start + e, mask=ok, other=0)
+    rows = pair // S
     q = tl.load(Q + bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(DT)
     cols = j * BLOCK + ar
     kv_off = kv_base + cols[:, None] * D + d[None, :]
@@ -432,7 +426,7 @@ def _fwd_kernel(Q, K, V, ROWS, SLOTS, COUNTS, WORK, PART_O, PART_LSE, qk_scale, 
     p = tl.exp2(s - m[:, None])
     l_i = tl.where(ok, tl.sum(p, 1), 1.0)
     o = tl.dot(p.to(Q.dtype.element_ty).to(DT), v, input_precision=PREC) / l_i[:, None]
-    part = (bh.to(tl.int64) * T + rows) * S + slot
+    part = bh.to(tl.int64) * T * S + pair
     tl.store(PART_O + part[:, None] * D + d[None, :], o.to(PART_O.dtype.element_ty), mask=ok[:, None])
     tl.store(PART_LSE + part, (m + tl.log2(l_i)) * TL_LN2, mask=ok)
 
@@ -462,25 +456,26 @@ def _merge_kernel(PART_O, PART_LSE, USED, O, LSE, n_rows, S, BLOCK_R: tl.constex
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, ROWS, SLOTS, COUNTS, PART_DQ, DK, DV, sm_scale, qk_scale, T, NT, S, H, HKV,
-                G, BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scale, qk_scale, T, NT, S, H, HKV, G,
+                BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """Key chunk j of one query head over every tile of the queries that read it: dK and dV accumulate here; each
     query's dQ share from j goes to its slot (summed after: deterministic, no atomics)."""
     bh, j = tl.program_id(0), tl.program_id(1)
     kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
-    q_base, list_base = bh.to(tl.int64) * T * D, (bh.to(tl.int64) * NT + j) * T
+    q_base, pair_base = bh.to(tl.int64) * T * D, bh.to(tl.int64) * T * S
     cols, ar, d = j * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
     col_ok = cols < T
     k = tl.load(K + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
     v = tl.load(V + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
     dk = tl.zeros((BLOCK, D), tl.float32)
     dv = tl.zeros((BLOCK, D), tl.float32)
-    count = tl.load(COUNTS + bh * NT + j)
+    start = tl.load(STARTS + bh * (NT + 1) + j)
+    count = tl.load(STARTS + bh * (NT + 1) + j + 1) - start
     for first in range(0, count, BLOCK):
         e = first + ar
         ok = e < count
-        rows = tl.load(ROWS + list_base + e, mask=ok, other=0)
-        slot = tl.load(SLOTS + list_base + e, mask=ok, other=0)
+        pair = tl.load(PAIRS + pair_base + start + e, mask=ok, other=0)
+        rows = pair // S
         q_off = q_base + rows[:, None] * D + d[None, :]
         q = tl.load(Q + q_off, mask=ok[:, None], other=0.0).to(DT)
         do = tl.load(DO + q_off, mask=ok[:, None], other=0.0).to(DT)
@@ -492,86 +487,82 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, ROWS, SLOTS, COUNTS, PART_DQ, DK, DV, s
         dst = (pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])).to(Q.dtype.element_ty).to(DT)
         dk += tl.dot(dst, q, input_precision=PREC)
         dq = tl.dot(tl.trans(dst), k, input_precision=PREC) * sm_scale
-        part = (bh.to(tl.int64) * T + rows) * S + slot
-        tl.store(PART_DQ + part[:, None] * D + d[None, :], dq, mask=ok[:, None])
+        tl.store(PART_DQ + (pair_base + pair)[:, None] * D + d[None, :], dq, mask=ok[:, None])
     out_off = q_base + cols[:, None] * D + d[None, :]
     tl.store(DK + out_off, dk * sm_scale, mask=col_ok[:, None])
     tl.store(DV + out_off, dv, mask=col_ok[:, None])
 
 
-def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
+def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     """(out, lse) of the chunk memory on contiguous inputs: the partials kernel, then the merge."""
-    (B, H, T, D), hkv = q.shape, k.shape[1]
-    slots = memory_slots(picked.shape[-1], topk)
-    rows, slot, counts, work = _schedule(picked, chunk, slots)
+    (B, H, T, D), hkv, slots = q.shape, k.shape[1], picks.shape[-1] + 1
+    pairs, starts, used, work = _schedule(picks, chunk)
     part_o = torch.empty(B, H, T, slots, D, dtype=q.dtype, device=q.device)
     part_lse = torch.empty(B, H, T, slots, dtype=torch.float32, device=q.device)
     nt, n_work = triton.cdiv(T, chunk), work.shape[-1]
-    _fwd_kernel[(B * H, n_work)](q, k, v, rows, slot, counts, work, part_o, part_lse, LOG2E / math.sqrt(D), T, nt,
-                                 n_work, slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
+    _fwd_kernel[(B * H, n_work)](q, k, v, pairs, starts, work, part_o, part_lse, LOG2E / math.sqrt(D), T, nt, n_work,
+                                 slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
     out, lse = torch.empty_like(q), torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    used = (picked.sum(-1, dtype=torch.int32) + 1).contiguous()
     _merge_kernel[(triton.cdiv(B * H * T, MERGE_BLOCK_ROWS),)](part_o, part_lse, used, out, lse, B * H * T, slots,
                                                              BLOCK_R=MERGE_BLOCK_ROWS, D=D, num_warps=4)
     return out, lse
 
 
-def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
-                           delta: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
+                           delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of the chunk memory on contiguous inputs (grad_out in q's dtype, lse and delta fp32)."""
-    (B, H, T, D), hkv = q.shape, k.shape[1]
-    slots = memory_slots(picked.shape[-1], topk)
-    rows, slot, counts, _ = _schedule(picked, chunk, slots)
+    (B, H, T, D), hkv, slots = q.shape, k.shape[1], picks.shape[-1] + 1
+    pairs, starts, _, _ = _schedule(picks, chunk)
     nt, sm_scale = triton.cdiv(T, chunk), 1.0 / math.sqrt(D)
     part_dq = torch.zeros(B, H, T, slots, D, dtype=torch.float32, device=q.device)  # a query's unused slots add 0
     dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
-    _bwd_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, rows, slot, counts, part_dq, dk, dv, sm_scale,
-                             sm_scale * LOG2E, T, nt, slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
+    _bwd_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, pairs, starts, part_dq, dk, dv, sm_scale, sm_scale * LOG2E,
+                             T, nt, slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
     group = (B, hkv, H // hkv, T, D)
     return part_dq.sum(3).to(q.dtype), dk.view(group).sum(2).to(k.dtype), dv.view(group).sum(2).to(v.dtype)
 
 
 @torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
-def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
-    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32); see the module docstring."""
-    check_chunk_memory_inputs(q, k, v, chunk, picked, topk)
-    return launch_memory_forward(q.contiguous(), k.contiguous(), v.contiguous(), picked, chunk, topk)
+def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32) given chunk_picks' picks; see the module docstring."""
+    check_chunk_memory_inputs(q, k, v, chunk, picks)
+    return launch_memory_forward(q.contiguous(), k.contiguous(), v.contiguous(), picks, chunk)
 
 
 @chunk_memory_op.register_fake
-def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picked: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor]:
+def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("convgpt::chunk_memory_backward", mutates_args=())
-def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
-                             delta: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
+                             delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
     return launch_memory_backward(grad_out.contiguous().to(q.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
-                                  picked, lse.float().contiguous(), delta.float().contiguous(), chunk, topk)
+                                  picks, lse.float().contiguous(), delta.float().contiguous(), chunk)
 
 
 @chunk_memory_backward_op.register_fake
-def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picked: Tensor, lse: Tensor,
-                                delta: Tensor, chunk: int, topk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
+                                delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _chunk_memory_setup(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, picked, ctx.chunk, ctx.topk = inputs
-    ctx.save_for_backward(q, k, v, picked, *output)
+    q, k, v, picks, ctx.chunk = inputs
+    ctx.save_for_backward(q, k, v, picks, *output)
 
 
 def _chunk_memory_grad(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple:
-    q, k, v, picked, out, lse = ctx.saved_tensors
+    q, k, v, picks, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, picked, lse, delta, ctx.chunk, ctx.topk)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, picks, lse, delta, ctx.chunk)
+    return dq, dk, dv, None, None
 
 
 chunk_memory_op.register_autograd(_chunk_memory_grad, setup_context=_chunk_memory_setup)
@@ -581,8 +572,8 @@ def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) 
     """Drop-in for convgpt_ops.chunk_memory_ref: route in PyTorch (no gradient), attend with the Triton op."""
     check_chunk_memory_inputs(q, k, v, chunk)
     with torch.no_grad():
-        picked = chunk_routing(q.detach(), k.detach(), chunk, topk)
-    return chunk_memory_op(q, k, v, picked, chunk, topk)[0]
+        picks = chunk_picks(q.detach(), k.detach(), chunk, topk)
+    return chunk_memory_op(q, k, v, picks, chunk)[0]
 
 
 SELF_TEST_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|

@@ -64,7 +64,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from bench.flops import count_forward_flops, memory_keys  # noqa: E402
-from convgpt_ops import _schedule, chunk_memory_ref, chunk_routing, memory_is_dense, memory_slots  # noqa: E402
+from convgpt_ops import _schedule, chunk_memory_ref, chunk_picks, memory_is_dense  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
 
 H100_BF16_FLOPS = 989e12  # H100 SXM5 dense bf16 tensor-core peak, NVIDIA datasheet
@@ -174,9 +174,9 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         if memory_is_dense(T, chunk, topk):
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
-        slots = memory_slots((T - 1) // chunk, topk)
+        slots = min(topk, (T - 1) // chunk) + 1  # a query's partial results: its picks and its own chunk
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
-            _schedule(chunk_routing(q, k, chunk, topk), chunk, slots)
+            _schedule(chunk_picks(q, k, chunk, topk), chunk)
         per_slot = 2 * q.shape[3] * q.element_size() + 2 * 4 + 3 * q.shape[3] * 4  # fwd out + lse, bwd dq slots
         partial[0] += q.shape[0] * q.shape[1] * T * slots * per_slot
         ratio = work_over_ideal if work_over_ideal is not None else schedule_bound_ratio(T, chunk, topk)
@@ -257,12 +257,12 @@ def calibrate() -> Rates:
     return Rates(1 / inv_flash, 1 / inv_bytes)
 
 
-def scheduled_blocks(picked: torch.Tensor, chunk: int, topk: int) -> tuple[int, int]:
-    """(key blocks the kernel executes, ideal blocks) for one routing [B, H, T, n_past]: the executed count is the
-    kernel's own schedule (convgpt_ops._schedule: each key chunk's listed queries in tiles of chunk)."""
-    _, _, counts, _ = _schedule(picked, chunk, memory_slots(picked.shape[-1], topk))
-    executed = int(((counts + chunk - 1) // chunk).sum())
-    return executed, picked.shape[0] * picked.shape[1] * ideal_blocks(picked.shape[2], chunk, topk)
+def scheduled_blocks(picks: torch.Tensor, chunk: int, topk: int) -> tuple[int, int]:
+    """(key blocks the kernel executes, ideal blocks) for one routing (chunk_picks, [B, H, T, P]): the executed
+    count is the kernel's own schedule (convgpt_ops._schedule: each key chunk's listed queries in tiles of chunk)."""
+    _, starts, _, _ = _schedule(picks, chunk)
+    executed = int(((starts[:, 1:] - starts[:, :-1] + chunk - 1) // chunk).sum())
+    return executed, picks.shape[0] * picks.shape[1] * ideal_blocks(picks.shape[2], chunk, topk)
 
 
 def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, val_tokens: torch.Tensor) -> float:
@@ -274,7 +274,7 @@ def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, va
     blocks = [0, 0]
 
     def counting(q, k, v, chunk, topk):
-        for i, n in enumerate(scheduled_blocks(chunk_routing(q, k, chunk, topk), chunk, topk)):
+        for i, n in enumerate(scheduled_blocks(chunk_picks(q, k, chunk, topk), chunk, topk)):
             blocks[i] += n
         return chunk_memory_ref(q, k, v, chunk, topk)  # the real output: later layers route on it
 
@@ -296,7 +296,7 @@ def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: fl
     ms = sum(parts.values())
     per_byte = 1e3 * TOKENS_PER_STEP / GPUS / rates.bytes_s
     bytes_ms = {k: per_byte * TRAIN_X["bytes"] * v for k, v in work.bytes_by_part.items()}
-    bytes_ms["memory partials"] = per_byte * work.partial_bytes
+    bytes_ms["partial"] = per_byte * work.partial_bytes  # the chunk memory's partial results
     return {"ms_per_step": ms, "parts_ms": parts, "bytes_ms": bytes_ms, "steps_in_600s": int(TIME_BUDGET_S * 1e3 / ms),
             "tokens_seen": int(TIME_BUDGET_S * 1e3 / ms) * TOKENS_PER_STEP,
             "fwd_flops_per_token": work.matmul_flops + work.flash_flops + work.memory_flops + work.route_flops}

@@ -146,9 +146,9 @@ def memory_case(T: int, dtype: torch.dtype, head_dim: int, chunk: int) -> Callab
     def launch() -> None:
         q = torch.randn(1, HP.num_heads, T, head_dim).to(dtype)
         k, v = (torch.randn(1, HP.num_kv_heads, T, head_dim).to(dtype) for _ in range(2))
-        picked = ops.chunk_routing(q.float(), k.float(), chunk, HP.mem_topk)
-        out, lse = ops.launch_memory_forward(q, k, v, picked, chunk, HP.mem_topk)
-        ops.launch_memory_backward(out, q, k, v, picked, lse, lse, chunk, HP.mem_topk)
+        picks = ops.chunk_picks(q.float(), k.float(), chunk, HP.mem_topk)
+        out, lse = ops.launch_memory_forward(q, k, v, picks, chunk)
+        ops.launch_memory_backward(out, q, k, v, picks, lse, lse, chunk)
     return launch
 
 

@@ -13,6 +13,7 @@ from conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "bench"))
 import cost_model  # noqa: E402
+from convgpt_ops import chunk_routing  # noqa: E402
 from train_gpt import Hyperparameters  # noqa: E402
 
 
@@ -43,14 +44,15 @@ def brute_force_blocks(picked: torch.Tensor, chunk: int) -> int:
 def test_scheduled_blocks_are_whole_tiles_of_each_key_chunks_readers(T, chunk, topk):
     torch.manual_seed(T)
     q, k = torch.randn(2, 2, T, 16), torch.randn(2, 1, T, 16)
-    picked = cost_model.chunk_routing(q, k, chunk, topk)
-    executed, ideal = cost_model.scheduled_blocks(picked, chunk, topk)
+    picked = chunk_routing(q, k, chunk, topk)
+    executed, ideal = cost_model.scheduled_blocks(cost_model.chunk_picks(q, k, chunk, topk), chunk, topk)
     assert executed == brute_force_blocks(picked, chunk)
     assert ideal == 4 * sum(min(topk, i) + 1 for i in range(-(-T // chunk))) and ideal <= executed
     assert executed / ideal <= cost_model.schedule_bound_ratio(T, chunk, topk)
     shared = picked[:, :, ::chunk].repeat_interleave(chunk, 2)[:, :, :T]  # one choice per tile: exactly ideal
     shared &= torch.arange(T)[:, None] // chunk > torch.arange(picked.shape[-1])  # still strictly earlier chunks
-    assert cost_model.scheduled_blocks(shared, chunk, topk) == (brute_force_blocks(shared, chunk), ideal) == (ideal, ideal)
+    shared_picks = torch.where(shared, torch.arange(shared.shape[-1]), shared.shape[-1]).sort(-1).values[..., :topk]
+    assert cost_model.scheduled_blocks(shared_picks, chunk, topk) == (brute_force_blocks(shared, chunk), ideal) == (ideal, ideal)
 
 
 def test_the_schedule_bound_meets_the_target_at_golf_lengths():

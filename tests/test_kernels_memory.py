@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from convgpt_ops import (_schedule, check_chunk_memory_inputs, check_memory_sizes, chunk_memory_op, chunk_memory_ref,
-                         chunk_memory_triton, chunk_routing, memory_slots)
+                         chunk_memory_triton, chunk_picks, chunk_routing)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -93,18 +93,36 @@ def test_causal_outputs_and_gradients(t):
 def test_schedule_lists_each_reading_query_once_and_tiles_cover_the_lists():
     T, topk = 100, 2  # 7 chunks of 16, the last one partial
     q, k, _, _ = make(2, 2, 1, T, 16, seed=3)
+    picks = chunk_picks(q, k, C, topk)
     picked = chunk_routing(q, k, C, topk).cpu()
-    rows, slots, counts, work = (x.cpu() for x in _schedule(picked, C, memory_slots(picked.shape[-1], topk)))
-    n_past, nt = picked.shape[-1], -(-T // C)
+    pairs, starts, used, work = (x.cpu() for x in _schedule(picks, C))
+    n_past, nt, S = picked.shape[-1], -(-T // C), topk + 1
     for b in range(2):
         for h in range(2):
+            bh = b * 2 + h
+            assert used[b, h].tolist() == [int(picked[b, h, t].sum()) + 1 for t in range(T)]
             for j in range(nt):
                 readers = [t for t in range(T) if t // C == j or (j < n_past and picked[b, h, t, j])]
-                n = int(counts[b, h, j])
-                assert n == len(readers) and rows[b, h, j, :n].tolist() == readers
-                assert slots[b, h, j, :n].tolist() == [int(picked[b, h, t, :j].sum()) for t in readers]
-            items = [(int(w) // T, int(w) % T) for w in work[b, h] if w >= 0]
-            assert sorted(items) == [(j, f) for j in range(nt) for f in range(0, int(counts[b, h, j]), C)]
+                listed = pairs[bh, starts[bh, j]:starts[bh, j + 1]].tolist()
+                assert [p // S for p in listed] == readers
+                assert [p % S for p in listed] == [int(picked[b, h, t, :j].sum()) for t in readers]
+            items = [(int(w) // T, int(w) % T) for w in work[bh] if w >= 0]
+            counts = (starts[bh, 1:] - starts[bh, :-1]).tolist()
+            assert sorted(items) == [(j, f) for j in range(nt) for f in range(0, counts[j], C)]
+
+
+def test_picks_at_or_after_the_own_chunk_repeated_or_negative_are_dropped():
+    """The kernels stay causal and exact whatever picks they get: only strictly earlier chunks, each once, count."""
+    q, k, v, _ = make(1, 2, 1, 5 * C, 16, seed=21)
+    picks = chunk_picks(q, k, C, 1)
+    n_past = picks.shape[2] // C  # 4, the empty-slot marker
+    junk = torch.stack([picks[..., 0], picks[..., 0], torch.full_like(picks[..., 0], -3),
+                        (torch.arange(5 * C, device=DEVICE) // C).expand_as(picks[..., 0]),
+                        torch.full_like(picks[..., 0], n_past + 7)], -1)  # repeat, negative, own chunk, beyond
+    want, want_lse = chunk_memory_op(q, k, v, picks, C)
+    got, got_lse = chunk_memory_op(q, k, v, junk, C)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
 
 
 def test_backward_is_bitwise_deterministic():
@@ -117,7 +135,7 @@ def test_lse_output_and_its_gradient():
     q, k, v, _ = make(1, 2, 1, 40, 16, seed=13)
     picked = chunk_routing(q, k, C, 1)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = chunk_memory_op(*leaves, picked, C, 1)
+    out, lse = chunk_memory_op(*leaves, chunk_picks(q, k, C, 1), C)
     tol = TOL[DTYPE]
     assert lse.shape == (1, 2, 40) and lse.dtype == torch.float32
     pos = torch.arange(40, device=DEVICE)
@@ -136,8 +154,8 @@ def test_lse_output_and_its_gradient():
 
 def test_opcheck():
     q, k, v, _ = make(1, 2, 1, 33, 16, seed=17)
-    picked = chunk_routing(q, k, C, 1)
-    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [picked, C, 1]))
+    picks = chunk_picks(q, k, C, 1)
+    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [picks, C]))
 
 
 def test_torch_compile_fullgraph():
@@ -170,25 +188,12 @@ def test_rejects_bad_inputs(over, chunk, needle):
         chunk_memory_triton(*good(**over), chunk, 1)
 
 
-def test_rejects_bad_picked():
+def test_rejects_bad_picks():
     q, k, v = good()
-    with pytest.raises(ValueError, match="picked must be bool"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.uint8, device=DEVICE), C, 1)
-    with pytest.raises(ValueError, match=r"\(1, 4, 32, 1\)"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 2, dtype=torch.bool, device=DEVICE), C, 1)
-    with pytest.raises(ValueError, match="topk -1 must be >= 0"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 1, dtype=torch.bool, device=DEVICE), C, -1)
-
-
-@pytest.mark.skipif(DEVICE == "cuda", reason="on CUDA the check is a device-side assert: it would end the CUDA "
-                    "context of every later test in the process")
-def test_refuses_a_routing_with_more_picks_than_slots():
-    """Each picked chunk has one partial-result slot: more than topk picks per query would write past them."""
-    q, k, v, _ = make(1, 2, 1, 4 * C, 16)
-    picked = chunk_routing(q, k, C, 3)
-    chunk_memory_op(q, k, v, picked, C, 3)
-    with pytest.raises(RuntimeError, match="picked routes more than topk=2 chunks to a query"):
-        chunk_memory_op(q, k, v, picked, C, 2)
+    with pytest.raises(ValueError, match="picks must be int32/int64"):
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 1, dtype=torch.bool, device=DEVICE), C)
+    with pytest.raises(ValueError, match=r"\[1, 4, 32, P\] on .*; got torch.int64 \(1, 4, 31, 1\)"):
+        chunk_memory_op(q, k, v, torch.zeros(1, 4, 31, 1, dtype=torch.long, device=DEVICE), C)
 
 
 def test_refuses_what_cannot_launch_on_hopper():
