@@ -144,28 +144,31 @@ def conv_taps_inverse(table: Tensor) -> Tensor:
 
 
 @triton.jit
-def _gather_conv_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, T, C, J: tl.constexpr,
+def _gather_conv_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, T, C, stride_xb, stride_xt, J: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out[b, t, c] = sum_j w[c, j] * x[b, idx[t, j] - 1, c], skipping idx == 0 and idx > T."""
+    """out[b, t, c] = sum_j w[c, j] * x[b, idx[t, j] - 1, c], skipping idx == 0 and idx > T; x may be strided in
+    b and t (its channels contiguous), out is contiguous."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    base = tl.program_id(2).to(tl.int64) * T * C
+    b = tl.program_id(2).to(tl.int64)
+    base = b * T * C
     t_ok, c_ok = t < T, c < C
     acc = tl.zeros((BLOCK_T, BLOCK_C), dtype=tl.float32)
     for j in tl.static_range(J):
         src = tl.load(idx_ptr + t.to(tl.int64) * J + j, mask=t_ok, other=0)
         w = tl.load(w_ptr + c * J + j, mask=c_ok, other=0.0).to(tl.float32)
         ok = ((src > 0) & (src <= T))[:, None] & c_ok[None, :]
-        x = tl.load(x_ptr + base + (src - 1)[:, None] * C + c[None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + b * stride_xb + (src - 1).to(tl.int64)[:, None] * stride_xt + c[None, :], mask=ok, other=0.0)
         acc += x.to(tl.float32) * w[None, :]
     out_ok = t_ok[:, None] & c_ok[None, :]
     tl.store(out_ptr + base + t.to(tl.int64)[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
-def _gather_conv_wgrad_kernel(g_ptr, x_ptr, idx_ptr, part_ptr, T, C, n_rows, rows_per_prog, J: tl.constexpr,
-                              BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """part[p, c, j] = sum over rows r = b * T + t of program p of g[b, t, c] * x[b, idx[t, j] - 1, c]."""
+def _gather_conv_wgrad_kernel(g_ptr, x_ptr, idx_ptr, part_ptr, T, C, stride_xb, stride_xt, n_rows, rows_per_prog,
+                              J: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """part[p, c, j] = sum over rows r = b * T + t of program p of g[b, t, c] * x[b, idx[t, j] - 1, c] (g
+    contiguous, x strided as in _gather_conv_kernel)."""
     pid = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     jj = tl.arange(0, BLOCK_J)
@@ -178,9 +181,9 @@ def _gather_conv_wgrad_kernel(g_ptr, x_ptr, idx_ptr, part_ptr, T, C, n_rows, row
         t = r % T
         src = tl.load(idx_ptr + t[:, None] * J + jj[None, :], mask=r_ok[:, None] & j_ok[None, :], other=0)
         g = tl.load(g_ptr + r[:, None] * C + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
-        row = (r - t)[:, None] + src - 1
+        row = (r // T * stride_xb)[:, None] + (src - 1).to(tl.int64) * stride_xt
         ok = ((src > 0) & (src <= T))[:, :, None] & c_ok[None, None, :]
-        x = tl.load(x_ptr + row[:, :, None] * C + c[None, None, :], mask=ok, other=0.0)
+        x = tl.load(x_ptr + row[:, :, None] + c[None, None, :], mask=ok, other=0.0)
         acc += tl.sum(x.to(tl.float32) * g.to(tl.float32)[:, None, :], axis=0)
     out = part_ptr + pid.to(tl.int64) * C * J + c[None, :] * J + jj[:, None]
     tl.store(out, acc, mask=j_ok[:, None] & c_ok[None, :])
@@ -206,18 +209,25 @@ def _check_gather_conv(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) ->
         raise ValueError(f"u is on {u.device}: the Triton kernels need CUDA tensors or TRITON_INTERPRET=1")
 
 
+def channels_last_contiguous(x: Tensor) -> Tensor:
+    """x itself when its last dimension is contiguous (the kernels take the other strides), else a copy."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
 def launch_gather(x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
-    """out[b, t, c] = sum_j weight[c, j] * x[b, idx[t, j] - 1, c] on contiguous inputs (forward and grad_u)."""
+    """out[b, t, c] = sum_j weight[c, j] * x[b, idx[t, j] - 1, c] (forward and grad_u); x's channels contiguous,
+    idx and weight contiguous."""
     B, T, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     block_c = min(GATHER_MAX_BLOCK_C, triton.next_power_of_2(C))
     grid = (triton.cdiv(T, GATHER_BLOCK_T), triton.cdiv(C, block_c), B)
-    _gather_conv_kernel[grid](x, idx, weight, out, T, C, J=weight.shape[1], BLOCK_T=GATHER_BLOCK_T, BLOCK_C=block_c)
+    _gather_conv_kernel[grid](x, idx, weight, out, T, C, x.stride(0), x.stride(1), J=weight.shape[1],
+                              BLOCK_T=GATHER_BLOCK_T, BLOCK_C=block_c)
     return out
 
 
 def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> Tensor:
-    """grad_weight [C, n_taps] (fp32) of the gather conv, on contiguous inputs."""
+    """grad_weight [C, n_taps] (fp32) of the gather conv; grad and table contiguous, u's channels contiguous."""
     B, T, C = u.shape
     n_rows, block_c = B * T, min(WGRAD_MAX_BLOCK_C, triton.next_power_of_2(C))
     blocks = triton.cdiv(n_rows, WGRAD_BLOCK_T)
@@ -225,7 +235,7 @@ def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> 
     n_prog = triton.cdiv(n_rows, rows_per_prog)
     part = torch.empty(n_prog, C, n_taps, dtype=torch.float32, device=u.device)
     _gather_conv_wgrad_kernel[(n_prog, triton.cdiv(C, block_c))](
-        grad, u, table, part, T, C, n_rows, rows_per_prog, J=n_taps, BLOCK_J=triton.next_power_of_2(n_taps),
+        grad, u, table, part, T, C, u.stride(0), u.stride(1), n_rows, rows_per_prog, J=n_taps, BLOCK_J=triton.next_power_of_2(n_taps),
         BLOCK_T=WGRAD_BLOCK_T, BLOCK_C=block_c)
     return part.sum(0)
 
@@ -234,14 +244,15 @@ def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> 
 def gather_conv_triton(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
     """out[b, t, c] = sum_j weight[c, j] * u[b, table[t, j] - 1, c]; differentiable in u and weight."""
     _check_gather_conv(u, table, inv, weight)
-    return launch_gather(u.contiguous(), table.contiguous(), weight.contiguous())
+    return launch_gather(channels_last_contiguous(u), table.contiguous(), weight.contiguous())
 
 
 @torch.library.custom_op("convgpt::gather_conv_backward", mutates_args=())
 def gather_conv_backward(grad: Tensor, u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """(grad_u, grad_weight) of gather_conv_triton for output gradient grad."""
     _check_gather_conv(u, table, inv, weight)
-    grad, u, table, inv, weight = (t.contiguous() for t in (grad.to(u.dtype), u, table, inv, weight))
+    grad, table, inv, weight = (t.contiguous() for t in (grad.to(u.dtype), table, inv, weight))
+    u = channels_last_contiguous(u)
     return launch_gather(grad, inv, weight), launch_gather_wgrad(grad, u, table, weight.shape[1]).to(weight.dtype)
 
 
@@ -352,8 +363,9 @@ def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picks
                          "autocast or CONVGPT_TRITON=0")
     if q.device != k.device or q.device != v.device:
         raise ValueError(f"q, k, v must share a device; got {q.device}, {k.device}, {v.device}")
-    if T < 1 or B < 1 or H < 1:
-        raise ValueError(f"q {tuple(q.shape)} must have B, H, T >= 1")
+    if T < 1 or B < 1 or H < 1 or T > MAX_SEQ_LEN:
+        raise ValueError(f"q {tuple(q.shape)} must have B, H >= 1 and 1 <= T <= {MAX_SEQ_LEN} (the schedule's int32 "
+                         f"lists)")
     check_memory_sizes(chunk, D)
     if picks is not None and (picks.dim() != 4 or tuple(picks.shape[:3]) != (B, H, T) or picks.device != q.device
                               or picks.dtype not in (torch.int32, torch.int64)):
@@ -368,7 +380,7 @@ def _schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     pairs [B*H, T*S]: the (query, slot) pairs t * S + s grouped by key chunk, ascending in t within one;
     starts [B*H, NT + 1]: where key chunk j's pairs begin (its own chunk's queries first, then those that picked it);
     used [B, H, T]: each query's filled slots;
-    work [B*H, W]: one forward program per entry, j * T + the first pair of its tile of `chunk` pairs, or -1.
+    work [B*H, W]: one forward program per entry, j * T + where its tile of `chunk` pairs begins in j's list, or -1.
     W = cdiv(T * S, chunk) + NT bounds the tiles without a host sync."""
     B, H, T, P = picks.shape
     nt, dev, S = triton.cdiv(T, chunk), picks.device, P + 1
@@ -400,24 +412,27 @@ def _launch_opts(chunk: int, dtype: torch.dtype) -> dict:
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, PAIRS, STARTS, WORK, PART_O, PART_LSE, qk_scale, T, NT, W, S, H, HKV, G,
-                BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+def _fwd_kernel(Q, K, V, PAIRS, STARTS, WORK, PART_O, PART_LSE, qk_scale, T, NT, W, S, H, HKV, G, sq_b, sq_h, sq_t,
+                skv_b, skv_h, skv_t, BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
     """One work item: key chunk j against a tile of the queries that read it; writes each query's partial
     (softmax-normalised output, lse) for j into its slot. The causal test cols <= rows only bites on j's own chunk."""
-    bh, w = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)  # one axis: B * H * W may pass the 65,535 limit of a grid's second axis
+    bh, w = pid // W, pid % W
     item = tl.load(WORK + bh.to(tl.int64) * W + w)
     if item < 0:
         return
     j, first = item // T, item % T
-    kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
+    b, h = (bh // H).to(tl.int64), bh % H
+    kv_base = b * skv_b + (h // G) * skv_h
     start = tl.load(STARTS + bh * (NT + 1) + j)
     e, ar, d = first + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
     ok = e < tl.load(STARTS + bh * (NT + 1) + j + 1) - start
     pair = tl.load(PAIRS + bh.to(tl.int64) * T * S + start + e, mask=ok, other=0)
     rows = pair // S
-    q = tl.load(Q + bh.to(tl.int64) * T * D + rows[:, None] * D + d[None, :], mask=ok[:, None], other=0.0).to(DT)
+    q = tl.load(Q + b * sq_b + h * sq_h + rows.to(tl.int64)[:, None] * sq_t + d[None, :], mask=ok[:, None],
+                other=0.0).to(DT)
     cols = j * BLOCK + ar
-    kv_off = kv_base + cols[:, None] * D + d[None, :]
+    kv_off = kv_base + cols.to(tl.int64)[:, None] * skv_t + d[None, :]
     k = tl.load(K + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
     v = tl.load(V + kv_off, mask=(cols < T)[:, None], other=0.0).to(DT)
     s = tl.dot(q, tl.trans(k), input_precision=PREC) * qk_scale
@@ -432,8 +447,10 @@ def _fwd_kernel(Q, K, V, PAIRS, STARTS, WORK, PART_O, PART_LSE, qk_scale, T, NT,
 
 
 @triton.jit
-def _merge_kernel(PART_O, PART_LSE, USED, O, LSE, n_rows, S, BLOCK_R: tl.constexpr, D: tl.constexpr):
-    """Each query's output and lse from its `used` partials: the log-sum-exp merge, online over the slots."""
+def _merge_kernel(PART_O, PART_LSE, USED, O, LSE, n_rows, S, T, H, so_b, so_h, so_t, BLOCK_R: tl.constexpr,
+                  D: tl.constexpr):
+    """Each query's output and lse from its `used` partials: the log-sum-exp merge, online over the slots; rows
+    r = (b * H + h) * T + t, O strided."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ok, d = r < n_rows, tl.arange(0, D)
     used = tl.load(USED + r, mask=ok, other=0)
@@ -451,22 +468,26 @@ def _merge_kernel(PART_O, PART_LSE, USED, O, LSE, n_rows, S, BLOCK_R: tl.constex
         l_i = l_i * alpha + weight
         m = m_new
     l_i = tl.where(ok, l_i, 1.0)
-    tl.store(O + r.to(tl.int64)[:, None] * D + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=ok[:, None])
+    r64 = r.to(tl.int64)
+    o_row = r64 // (H * T) * so_b + r64 // T % H * so_h + r64 % T * so_t
+    tl.store(O + o_row[:, None] + d[None, :], (acc / l_i[:, None]).to(O.dtype.element_ty), mask=ok[:, None])
     tl.store(LSE + r, m + tl.log(l_i), mask=ok)
 
 
 @triton.jit
 def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scale, qk_scale, T, NT, S, H, HKV, G,
-                BLOCK: tl.constexpr, D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+                sq_b, sq_h, sq_t, skv_b, skv_h, skv_t, sdo_b, sdo_h, sdo_t, BLOCK: tl.constexpr, D: tl.constexpr,
+                DT: tl.constexpr, PREC: tl.constexpr):
     """Key chunk j of one query head over every tile of the queries that read it: dK and dV accumulate here; each
     query's dQ share from j goes to its slot (summed after: deterministic, no atomics)."""
     bh, j = tl.program_id(0), tl.program_id(1)
-    kv_base = ((bh // H) * HKV + (bh % H) // G).to(tl.int64) * T * D
-    q_base, pair_base = bh.to(tl.int64) * T * D, bh.to(tl.int64) * T * S
+    b, h = (bh // H).to(tl.int64), bh % H
+    kv_base, pair_base = b * skv_b + (h // G) * skv_h, bh.to(tl.int64) * T * S
     cols, ar, d = j * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
     col_ok = cols < T
-    k = tl.load(K + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
-    v = tl.load(V + kv_base + cols[:, None] * D + d[None, :], mask=col_ok[:, None], other=0.0).to(DT)
+    kv_off = kv_base + cols.to(tl.int64)[:, None] * skv_t + d[None, :]
+    k = tl.load(K + kv_off, mask=col_ok[:, None], other=0.0).to(DT)
+    v = tl.load(V + kv_off, mask=col_ok[:, None], other=0.0).to(DT)
     dk = tl.zeros((BLOCK, D), tl.float32)
     dv = tl.zeros((BLOCK, D), tl.float32)
     start = tl.load(STARTS + bh * (NT + 1) + j)
@@ -476,9 +497,10 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scal
         ok = e < count
         pair = tl.load(PAIRS + pair_base + start + e, mask=ok, other=0)
         rows = pair // S
-        q_off = q_base + rows[:, None] * D + d[None, :]
-        q = tl.load(Q + q_off, mask=ok[:, None], other=0.0).to(DT)
-        do = tl.load(DO + q_off, mask=ok[:, None], other=0.0).to(DT)
+        q = tl.load(Q + b * sq_b + h * sq_h + rows.to(tl.int64)[:, None] * sq_t + d[None, :], mask=ok[:, None],
+                    other=0.0).to(DT)
+        do = tl.load(DO + b * sdo_b + h * sdo_h + rows.to(tl.int64)[:, None] * sdo_t + d[None, :], mask=ok[:, None],
+                     other=0.0).to(DT)
         lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=ok, other=0.0) * TL_LOG2E
         delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [keys, queries]
@@ -488,29 +510,37 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scal
         dk += tl.dot(dst, q, input_precision=PREC)
         dq = tl.dot(tl.trans(dst), k, input_precision=PREC) * sm_scale
         tl.store(PART_DQ + (pair_base + pair)[:, None] * D + d[None, :], dq, mask=ok[:, None])
-    out_off = q_base + cols[:, None] * D + d[None, :]
+    out_off = bh.to(tl.int64) * T * D + cols[:, None] * D + d[None, :]
     tl.store(DK + out_off, dk * sm_scale, mask=col_ok[:, None])
     tl.store(DV + out_off, dv, mask=col_ok[:, None])
 
 
+def memory_strides(*xs: Tensor) -> tuple[int, ...]:
+    """The batch, head and position strides of each [B, H, T, D] tensor (D contiguous), for the kernels."""
+    return tuple(s for x in xs for s in x.stride()[:3])
+
+
 def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(out, lse) of the chunk memory on contiguous inputs: the partials kernel, then the merge."""
+    """(out in q's layout, lse) of the chunk memory: the partials kernel, then the merge. q, k, v have contiguous
+    D, and k and v one set of strides."""
     (B, H, T, D), hkv, slots = q.shape, k.shape[1], picks.shape[-1] + 1
     pairs, starts, used, work = _schedule(picks, chunk)
     part_o = torch.empty(B, H, T, slots, D, dtype=q.dtype, device=q.device)
     part_lse = torch.empty(B, H, T, slots, dtype=torch.float32, device=q.device)
     nt, n_work = triton.cdiv(T, chunk), work.shape[-1]
-    _fwd_kernel[(B * H, n_work)](q, k, v, pairs, starts, work, part_o, part_lse, LOG2E / math.sqrt(D), T, nt, n_work,
-                                 slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
+    _fwd_kernel[(B * H * n_work,)](q, k, v, pairs, starts, work, part_o, part_lse, LOG2E / math.sqrt(D), T, nt, n_work,
+                                 slots, H, hkv, H // hkv, *memory_strides(q, k), D=D, **_launch_opts(chunk, q.dtype))
     out, lse = torch.empty_like(q), torch.empty(B, H, T, dtype=torch.float32, device=q.device)
-    _merge_kernel[(triton.cdiv(B * H * T, MERGE_BLOCK_ROWS),)](part_o, part_lse, used, out, lse, B * H * T, slots,
-                                                             BLOCK_R=MERGE_BLOCK_ROWS, D=D, num_warps=4)
+    _merge_kernel[(triton.cdiv(B * H * T, MERGE_BLOCK_ROWS),)](part_o, part_lse, used, out, lse, B * H * T, slots, T, H,
+                                                             *memory_strides(out), BLOCK_R=MERGE_BLOCK_ROWS, D=D,
+                                                             num_warps=4)
     return out, lse
 
 
 def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
                            delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv) of the chunk memory on contiguous inputs (grad_out in q's dtype, lse and delta fp32)."""
+    """(dq, dk, dv), contiguous, of the chunk memory; inputs as launch_memory_forward's, grad_out in q's dtype with
+    contiguous D, lse and delta fp32 contiguous."""
     (B, H, T, D), hkv, slots = q.shape, k.shape[1], picks.shape[-1] + 1
     pairs, starts, _, _ = _schedule(picks, chunk)
     nt, sm_scale = triton.cdiv(T, chunk), 1.0 / math.sqrt(D)
@@ -518,29 +548,37 @@ def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pi
     dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
     dv = torch.empty_like(dk)
     _bwd_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, pairs, starts, part_dq, dk, dv, sm_scale, sm_scale * LOG2E,
-                             T, nt, slots, H, hkv, H // hkv, D=D, **_launch_opts(chunk, q.dtype))
+                             T, nt, slots, H, hkv, H // hkv, *memory_strides(q, k, grad_out), D=D,
+                             **_launch_opts(chunk, q.dtype))
     group = (B, hkv, H // hkv, T, D)
     return part_dq.sum(3).to(q.dtype), dk.view(group).sum(2).to(k.dtype), dv.view(group).sum(2).to(v.dtype)
+
+
+def memory_layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v as the kernels take them without copies where strides will do: D contiguous, k and v alike (the
+    model's k and v are two halves of one projection, so they are)."""
+    q, k, v = (channels_last_contiguous(x) for x in (q, k, v))
+    return (q, k, v) if k.stride() == v.stride() else (q, k.contiguous(), v.contiguous())
 
 
 @torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
 def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
     """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32) given chunk_picks' picks; see the module docstring."""
     check_chunk_memory_inputs(q, k, v, chunk, picks)
-    return launch_memory_forward(q.contiguous(), k.contiguous(), v.contiguous(), picks, chunk)
+    return launch_memory_forward(*memory_layout(q, k, v), picks, chunk)
 
 
 @chunk_memory_op.register_fake
 def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(q.shape[:3], dtype=torch.float32)
+    return torch.empty_like(memory_layout(q, k, v)[0]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("convgpt::chunk_memory_backward", mutates_args=())
 def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
                              delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
-    return launch_memory_backward(grad_out.contiguous().to(q.dtype), q.contiguous(), k.contiguous(), v.contiguous(),
-                                  picks, lse.float().contiguous(), delta.float().contiguous(), chunk)
+    return launch_memory_backward(channels_last_contiguous(grad_out.to(q.dtype)), *memory_layout(q, k, v), picks,
+                                  lse.float().contiguous(), delta.float().contiguous(), chunk)
 
 
 @chunk_memory_backward_op.register_fake

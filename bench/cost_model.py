@@ -18,9 +18,10 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
        at most one partly filled tile per picked key chunk (schedule_bound_ratio);
      * bytes: every non-matmul aten op's inputs plus outputs (views and factories move nothing), as eager PyTorch
        would move them. The custom ops count what their kernels read and write, plus the .contiguous() copies
-       that their wrappers make of strided inputs. The chunk memory's partial results are counted apart, for the
-       whole step: forward partials (output in q's dtype, lse fp32) written and merged, backward dQ slots (fp32)
-       zeroed, written and summed.
+       that their wrappers make of strided inputs. The chunk memory's per-pair traffic is counted apart, for the
+       whole step (partial_bytes): each (query, chunk) pair's gathered q row (and q and dO in the backward), its
+       partial output (q's dtype) and lse written and merged, its dQ share (fp32) written; every dQ slot zeroed and
+       summed.
   2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention and the
      chunk memory 3.5x (2 forward + 5 backward matmul passes, over 2: the memory's one backward kernel recomputes
      S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients).
@@ -143,8 +144,9 @@ class Work:
 
 
 def strided_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
-    """What a .contiguous() of each strided input reads and writes."""
-    return [t for t in tensors if not t.is_contiguous() for _ in range(2)]
+    """What the kernel wrappers' copies read and write: an input whose last dimension is strided is copied
+    (convgpt_ops.channels_last_contiguous); the kernels take every other stride as it is."""
+    return [t for t in tensors if t.stride(-1) != 1 for _ in range(2)]
 
 
 def ideal_blocks(seq_len: int, chunk: int, topk: int) -> int:
@@ -153,10 +155,20 @@ def ideal_blocks(seq_len: int, chunk: int, topk: int) -> int:
 
 
 def schedule_bound_ratio(seq_len: int, chunk: int, topk: int) -> float:
-    """The most memory_work_over_ideal can be for any routing: key chunk j's list is its own chunk (one full tile)
-    and the queries that picked it, so rounding up wastes less than one tile per pickable chunk."""
+    """An upper bound on memory_work_over_ideal for any routing: key chunk j's list is its own chunk (one full
+    tile) and the queries that picked it, so rounding up wastes less than one tile per pickable chunk."""
     ideal = ideal_blocks(seq_len, chunk, topk)
     return (ideal + (seq_len - 1) // chunk * (chunk - 1) / chunk) / ideal
+
+
+def partial_bytes(seq_len: int, chunk: int, topk: int, head_dim: int, elem: int) -> int:
+    """Bytes per (batch, head) per training step that the chunk memory moves beyond q, k, v and out once: for each
+    (query, chunk) pair it reads, the gathered q row (forward) and q and dO rows (backward), its partial output
+    and lse written and merged, and its dQ share written (fp32); plus every dQ slot zeroed and summed."""
+    pairs = ideal_blocks(seq_len, chunk, topk) * chunk - (-seq_len % chunk) * (min(topk, (seq_len - 1) // chunk) + 1)
+    slots = min(topk, (seq_len - 1) // chunk) + 1
+    per_pair = 3 * head_dim * elem + 2 * (head_dim * elem + 4) + head_dim * 4
+    return pairs * per_pair + 2 * seq_len * slots * head_dim * 4
 
 
 def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_body: bool) -> Work:
@@ -174,11 +186,9 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         if memory_is_dense(T, chunk, topk):
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
-        slots = min(topk, (T - 1) // chunk) + 1  # a query's partial results: its picks and its own chunk
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
             _schedule(chunk_picks(q, k, chunk, topk), chunk)
-        per_slot = 2 * q.shape[3] * q.element_size() + 2 * 4 + 3 * q.shape[3] * 4  # fwd out + lse, bwd dq slots
-        partial[0] += q.shape[0] * q.shape[1] * T * slots * per_slot
+        partial[0] += q.shape[0] * q.shape[1] * partial_bytes(T, chunk, topk, q.shape[3], q.element_size())
         ratio = work_over_ideal if work_over_ideal is not None else schedule_bound_ratio(T, chunk, topk)
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
         return torch.empty_like(q)

@@ -157,9 +157,13 @@ def test_eval_at_resume_and_plot(smoke_data, tmp_path, capsys):
 
 
 def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_path):
-    """bench/results/proxy_logs/default_seed1.txt predates GPTQ, TTT_MODE and PRESET: it is reused while those
-    settings stay at their defaults, and not when one of them is set, or when the log names an unknown setting."""
-    log = ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt"
+    """A log written before GPTQ, TTT_MODE and PRESET existed (a committed proxy log without those lines) is reused
+    while those settings stay at their defaults, and not when one of them is set, or when the log names an unknown
+    setting."""
+    full = (ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text()
+    log = tmp_path / "older.txt"
+    log.write_text("".join(line for line in full.splitlines(keepends=True)
+                           if not line.startswith(("hp gptq", "hp ttt_mode", "hp ttt_lora", "hp preset"))))
     run = ablate.parse_log(log.read_text(), str(log))
     assert "gptq" not in run.hp and "ttt_mode" not in run.hp
     env = {key.upper(): value for key, value in run.hp.items()}

@@ -104,14 +104,20 @@ def test_weight_grad_with_few_programs_crossing_batch_rows(monkeypatch: pytest.M
     assert_close(*run_both(u, (4, 3), torch.float32, "table"), torch.float32)
 
 
-@pytest.mark.parametrize("view", ["transposed", "strided"])
+@pytest.mark.parametrize("view", ["transposed", "strided", "model_layout", "sliced"])
 def test_non_contiguous_u(view: str):
+    """Channels with stride != 1 are copied; the rest go to the kernels as they are: the model's u is one half of
+    W_in's output (rows 2C apart), and a sequence slice has a batch stride that is not T * C."""
     gen = torch.Generator().manual_seed(3)
     if view == "transposed":
         u = torch.randn(2, 33, 65, generator=gen).to(DEVICE).transpose(1, 2)
-    else:
+    elif view == "strided":
         u = torch.randn(2, 65, 66, generator=gen).to(DEVICE)[:, :, ::2]
-    assert not u.is_contiguous()
+    elif view == "model_layout":
+        u = torch.randn(2, 65, 2 * 33, generator=gen).to(DEVICE).chunk(2, -1)[1]
+    else:
+        u = torch.randn(3, 80, 33, generator=gen).to(DEVICE)[1:, 7:72]
+    assert not u.is_contiguous() and (kc.channels_last_contiguous(u) is u) == (view in ("model_layout", "sliced"))
     assert_close(*run_both(u, (4, 3), torch.float32, "table"), torch.float32)
 
 

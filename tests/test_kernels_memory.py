@@ -63,7 +63,8 @@ def test_non_contiguous_inputs_from_model_layout():
     q_bthd = q.transpose(1, 2).contiguous().requires_grad_()  # [B, T, H, D], as the model's projections give
     kv_bthd = torch.cat([k, v], 1).transpose(1, 2).contiguous().requires_grad_()
     out = chunk_memory_triton(q_bthd.transpose(1, 2), *kv_bthd.transpose(1, 2).chunk(2, 1), C, 2)
-    out.backward(grad)
+    assert out.transpose(1, 2).is_contiguous()  # q's layout: the model's transpose + reshape after it is free
+    out.backward(grad.transpose(1, 2).contiguous().transpose(1, 2))  # the gradient in that layout too
     ref_leaves = [x.float().requires_grad_() for x in (q, k, v)]
     ref = chunk_memory_ref(*ref_leaves, C, 2)
     ref.backward(grad.float())
@@ -119,10 +120,14 @@ def test_picks_at_or_after_the_own_chunk_repeated_or_negative_are_dropped():
     junk = torch.stack([picks[..., 0], picks[..., 0], torch.full_like(picks[..., 0], -3),
                         (torch.arange(5 * C, device=DEVICE) // C).expand_as(picks[..., 0]),
                         torch.full_like(picks[..., 0], n_past + 7)], -1)  # repeat, negative, own chunk, beyond
-    want, want_lse = chunk_memory_op(q, k, v, picks, C)
-    got, got_lse = chunk_memory_op(q, k, v, junk, C)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got_lse, want_lse, rtol=1e-6, atol=1e-6)
+    results = []
+    for p in (picks, junk):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        out, lse = chunk_memory_op(*leaves, p, C)
+        (out * torch.arange(16, device=DEVICE)).sum().backward()
+        results.append([out, lse, *(x.grad for x in leaves)])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_backward_is_bitwise_deterministic():
