@@ -135,7 +135,7 @@ class Hyperparameters:
     mem_every: int = 2  # every mem_every-th block mixes with ChunkMemory instead of ConvMix (0 = never)
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
-    mem_rope: str = "half"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
+    mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
