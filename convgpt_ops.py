@@ -10,6 +10,7 @@ What is here
       depthwise conv over those taps, u [B, T, C], weight [C, J] in u's dtype.
   chunk_picks(q, k, chunk, topk) / chunk_routing(...): which complete earlier chunks each (head, query token)
       reads, as indices (what the kernels take) or as a mask (what the reference takes).
+  memory_schedule(picks, chunk): the kernels' key-chunk-major work lists, built once for forward and backward.
   chunk_memory_ref(q, k, v, chunk, topk) / chunk_memory_triton(...): sparse chunk-token attention,
       q [B, H, T, D], k/v [B, Hkv, T, D] of one dtype (compiled: bf16/fp16); routing stays in PyTorch.
   triton_enabled(device): the switch. CONVGPT_TRITON=1 forces the kernels, 0 the reference, unset means
@@ -373,7 +374,7 @@ def check_chunk_memory_inputs(q: Tensor, k: Tensor, v: Tensor, chunk: int, picks
                          f"{tuple(picks.shape)} on {picks.device}")
 
 
-def _schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def memory_schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Key-chunk-major work lists (see the module docstring) from picks [B, H, T, P]; a query's pick at or after
     its own chunk, below 0 or repeated is dropped, so the kernels stay causal whatever the routing. Every query has
     S = P + 1 slots: its kept picks ascending, then its own chunk. Returns, all int32:
@@ -381,7 +382,8 @@ def _schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, Tensor
     starts [B*H, NT + 1]: where key chunk j's pairs begin (its own chunk's queries first, then those that picked it);
     used [B, H, T]: each query's filled slots;
     work [B*H, W]: one forward program per entry, j * T + where its tile of `chunk` pairs begins in j's list, or -1.
-    W = cdiv(T * S, chunk) + NT bounds the tiles without a host sync."""
+    W = cdiv(T * S, chunk) + NT bounds the tiles without a host sync. Built once per call of chunk_memory_triton:
+    the forward and the backward op take the same lists."""
     B, H, T, P = picks.shape
     nt, dev, S = triton.cdiv(T, chunk), picks.device, P + 1
     own = (torch.arange(T, device=dev) // chunk).view(T, 1).expand(B, H, T, 1)
@@ -520,11 +522,12 @@ def memory_strides(*xs: Tensor) -> tuple[int, ...]:
     return tuple(s for x in xs for s in x.stride()[:3])
 
 
-def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(out in q's layout, lse) of the chunk memory: the partials kernel, then the merge. q, k, v have contiguous
-    D, and k and v one set of strides."""
-    (B, H, T, D), hkv, slots = q.shape, k.shape[1], picks.shape[-1] + 1
-    pairs, starts, used, work = _schedule(picks, chunk)
+def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor, used: Tensor, work: Tensor,
+                          chunk: int) -> tuple[Tensor, Tensor]:
+    """(out in q's layout, lse) of the chunk memory over memory_schedule's lists: the partials kernel, then the
+    merge. q, k, v have contiguous D, and k and v one set of strides."""
+    (B, H, T, D), hkv = q.shape, k.shape[1]
+    slots = pairs.shape[-1] // T
     part_o = torch.empty(B, H, T, slots, D, dtype=q.dtype, device=q.device)
     part_lse = torch.empty(B, H, T, slots, dtype=torch.float32, device=q.device)
     nt, n_work = triton.cdiv(T, chunk), work.shape[-1]
@@ -537,12 +540,12 @@ def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk:
     return out, lse
 
 
-def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
-                           delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor,
+                           lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv), contiguous, of the chunk memory; inputs as launch_memory_forward's, grad_out in q's dtype with
     contiguous D, lse and delta fp32 contiguous."""
-    (B, H, T, D), hkv, slots = q.shape, k.shape[1], picks.shape[-1] + 1
-    pairs, starts, _, _ = _schedule(picks, chunk)
+    (B, H, T, D), hkv = q.shape, k.shape[1]
+    slots = pairs.shape[-1] // T
     nt, sm_scale = triton.cdiv(T, chunk), 1.0 / math.sqrt(D)
     part_dq = torch.zeros(B, H, T, slots, D, dtype=torch.float32, device=q.device)  # a query's unused slots add 0
     dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
@@ -561,49 +564,70 @@ def memory_layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
     return (q, k, v) if k.stride() == v.stride() else (q, k.contiguous(), v.contiguous())
 
 
+def check_memory_schedule(q: Tensor, chunk: int, pairs: Tensor, starts: Tensor, used: Tensor, work: Tensor) -> None:
+    """Raise ValueError unless the four lists have memory_schedule's dtypes and shapes for q and chunk."""
+    B, H, T, _ = q.shape
+    nt, slots = triton.cdiv(T, chunk), pairs.shape[-1] // max(T, 1)
+    want = {"pairs": (B * H, T * slots), "starts": (B * H, nt + 1), "used": (B, H, T),
+            "work": (B * H, triton.cdiv(T * slots, chunk) + nt)}
+    for name, x in zip(want, (pairs, starts, used, work)):
+        if x.dtype != torch.int32 or tuple(x.shape) != want[name] or x.device != q.device or slots < 1:
+            raise ValueError(f"schedule {name} must be int32 {list(want[name])} on {q.device} (memory_schedule); "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+
+
 @torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
-def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
-    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32) given chunk_picks' picks; see the module docstring."""
-    check_chunk_memory_inputs(q, k, v, chunk, picks)
-    return launch_memory_forward(*memory_layout(q, k, v), picks, chunk)
+def chunk_memory_op(q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor, used: Tensor, work: Tensor,
+                    chunk: int) -> tuple[Tensor, Tensor]:
+    """(out [B, H, T, D] in q's dtype, lse [B, H, T] fp32) over memory_schedule's lists; see the module docstring."""
+    check_chunk_memory_inputs(q, k, v, chunk)
+    check_memory_schedule(q, chunk, pairs, starts, used, work)
+    return launch_memory_forward(*memory_layout(q, k, v), pairs, starts, used, work, chunk)
 
 
 @chunk_memory_op.register_fake
-def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor, used: Tensor, work: Tensor,
+                       chunk: int) -> tuple[Tensor, Tensor]:
     return torch.empty_like(memory_layout(q, k, v)[0]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.custom_op("convgpt::chunk_memory_backward", mutates_args=())
-def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
-                             delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor,
+                             lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
-    return launch_memory_backward(channels_last_contiguous(grad_out.to(q.dtype)), *memory_layout(q, k, v), picks,
-                                  lse.float().contiguous(), delta.float().contiguous(), chunk)
+    return launch_memory_backward(channels_last_contiguous(grad_out.to(q.dtype)), *memory_layout(q, k, v), pairs,
+                                  starts, lse.float().contiguous(), delta.float().contiguous(), chunk)
 
 
 @chunk_memory_backward_op.register_fake
-def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, picks: Tensor, lse: Tensor,
-                                delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor,
+                                lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _chunk_memory_setup(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, picks, ctx.chunk = inputs
-    ctx.save_for_backward(q, k, v, picks, *output)
+    q, k, v, pairs, starts, _, _, ctx.chunk = inputs
+    ctx.save_for_backward(q, k, v, pairs, starts, *output)
 
 
 def _chunk_memory_grad(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple:
-    q, k, v, picks, out, lse = ctx.saved_tensors
+    q, k, v, pairs, starts, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, picks, lse, delta, ctx.chunk)
-    return dq, dk, dv, None, None
+    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, pairs, starts, lse, delta, ctx.chunk)
+    return dq, dk, dv, None, None, None, None, None
 
 
 chunk_memory_op.register_autograd(_chunk_memory_grad, setup_context=_chunk_memory_setup)
+
+
+def chunk_memory_from_picks(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chunk: int) -> tuple[Tensor, Tensor]:
+    """(out, lse) of the chunk memory given chunk_picks' picks [B, H, T, P]: one schedule for forward and backward."""
+    check_chunk_memory_inputs(q, k, v, chunk, picks)
+    return chunk_memory_op(q, k, v, *memory_schedule(picks, chunk), chunk)
 
 
 def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) -> Tensor:
@@ -611,7 +635,7 @@ def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) 
     check_chunk_memory_inputs(q, k, v, chunk)
     with torch.no_grad():
         picks = chunk_picks(q.detach(), k.detach(), chunk, topk)
-    return chunk_memory_op(q, k, v, picks, chunk)[0]
+    return chunk_memory_from_picks(q, k, v, picks, chunk)[0]
 
 
 SELF_TEST_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}  # max |err| / max |ref|

@@ -84,6 +84,7 @@ CHOICES = {
     "preset": ("none", *PRESETS),
     "mlp_act": ("relu2", "leaky_relu2"),
     "mem_rope": ("all", "half", "none"),
+    "body_dtype": ("bf16", "fp32"),
     "conv2d_layout": CONV2D_LAYOUTS,
     "embed_quant": ("int8", "int6", "fp16"),
     "compile": ("auto", "0", "1"),
@@ -136,6 +137,7 @@ class Hyperparameters:
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
+    body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA): bf16 as the baseline's, or fp32
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -326,8 +328,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+AUTOCAST_DTYPE = torch.bfloat16  # matmul dtype on CUDA; CPU runs (tests, smoke data) stay fp32 throughout
+
+
 def autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+    return torch.autocast(device.type, dtype=AUTOCAST_DTYPE, enabled=device.type == "cuda")
+
+
+def body_dtype(args: Hyperparameters, device: torch.device) -> torch.dtype:
+    """The residual stream's dtype: autocast's where autocast is on and BODY_DTYPE=bf16, else fp32. Weights and
+    control tensors stay fp32 either way (QAT, EMA and export see the same parameters)."""
+    return AUTOCAST_DTYPE if args.body_dtype == "bf16" and device.type == "cuda" else torch.float32
 
 
 # ----------------------------------------------------------------------------- data
@@ -553,9 +564,10 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        x = self.resid_mix[0] * x + self.resid_mix[1] * x0
-        x = x + self.mix_scale * self.mixer(rms_norm(x))
-        return x + self.mlp_scale * self.mlp(rms_norm(x))
+        mix = self.resid_mix.to(x.dtype)
+        x = mix[0] * x + mix[1] * x0
+        x = x + self.mix_scale.to(x.dtype) * self.mixer(rms_norm(x))
+        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
 
 
 class BigramHash(nn.Module):
@@ -599,6 +611,7 @@ class ConvGPT(nn.Module):
                 blocks.append(Block(args, ConvMix(args, tap_table)))
         self.blocks = nn.ModuleList(blocks)
         self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
+        self.body_dtype = torch.float32  # the residual stream's; build_model sets body_dtype(args, device)
 
     def smear_previous(self, x: Tensor, input_ids: Tensor) -> Tensor:
         """SmearGate: blend in the previous position, never into a BOS and never at position 0."""
@@ -614,7 +627,7 @@ class ConvGPT(nn.Module):
             x = x + self.bigram(input_ids)
         if self.smear is not None:
             x = self.smear_previous(x, input_ids)
-        x0 = x = rms_norm(x)
+        x0 = x = rms_norm(x).to(self.body_dtype)
         for block in self.blocks:
             x = block(x, x0)
         x = rms_norm(x)
@@ -1197,6 +1210,7 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
     """The model on its device, and the callable that training steps through (compiled on request)."""
     torch.manual_seed(args.seed)
     model = ConvGPT(args).to(d.device)
+    model.body_dtype = body_dtype(args, d.device)
     try:
         use_triton = triton_enabled(d.device)
         if use_triton and args.mem_every:
@@ -1209,7 +1223,7 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
     use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile} "
-        f"triton:{use_triton}")
+        f"triton:{use_triton} body_dtype:{str(model.body_dtype)[6:]}")
     if not use_compile:
         return model, model
     # the step (which traces forward_logits too) fails on a graph break; evaluation recompiles per batch shape, grad

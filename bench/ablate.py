@@ -12,7 +12,7 @@ Runbook
   python bench/ablate.py --scale proxy --steps 300 --jobs 2 --configs default,dense --eval-at 2048 --resume \
       --data ../shared/data/datasets/fineweb_sample_sp1024 --tokenizer PATH --work /tmp/proxy/work \
       --out bench/results/proxy_steps_cpu.md --plot bench/results/proxy_steps_cpu.png  # golf geometry on CPU
-Every run is `train_gpt.py` in a subprocess (one process; `--nproc N` uses torchrun) with the base settings of the
+Every run is `train_gpt.py` (with --cuda-rules `tools/cuda_rules.py`: a GPU run's dtypes on CPU) in a subprocess (one process; `--nproc N` uses torchrun) with the base settings of the
 scale, then the configuration's, then `--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS
 (--seconds), or ITERATIONS with no wallclock cap (--steps). `--jobs J` runs J trainings at once with
 OMP_NUM_THREADS = cores / J; their tokens/s then share the machine and compare only within one table. Logs and
@@ -64,6 +64,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "no_muon_wd": {"MUON_WEIGHT_DECAY": "0"},
     "ema_0999": {"EMA_DECAY": "0.999"},
     "no_bigram": {"BIGRAM_BUCKETS": "0"},
+    "body_fp32": {"BODY_DTYPE": "fp32"},  # the residual stream fp32 on CUDA; on CPU only with --cuda-rules
     "dilated": {"CONV2D_LAYOUT": "dilated"},  # the 2D branch's taps as a plain dilated 1D conv: does Hilbert earn its place?
     "train_seq_x2": {},  # TRAIN_SEQ_LEN and EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN (golf: 2048)
     "eval_seq_x2": {},  # EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN
@@ -127,20 +128,22 @@ def prepare_data(cli: argparse.Namespace) -> None:
     cli.data = str(folder)
 
 
-def reusable(path: Path, env: dict[str, str], world_size: int) -> RunLog | None:
+def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool = False) -> RunLog | None:
     """With --resume: the finished log of an earlier run with exactly these hyperparameters and world size, else
     None. A setting the log lacks matches only at its default: it was added after the run, and a new setting's
     default keeps what training computed before (the proxy default rerun after GPTQ, TTT_MODE and PRESET were
     added reproduced its val_bpb to 8 decimals). The code is not compared: after a change to what training computes,
-    use a fresh --work."""
+    use a fresh --work. A run under tools/cuda_rules.py (its log says cuda_rules:) serves only --cuda-rules."""
     try:
-        run = parse_log(path.read_text(), str(path))
+        text = path.read_text()
+        run = parse_log(text, str(path))
         expected = {key: str(value) for key, value in asdict(Hyperparameters.from_env(env)).items()}
     except (OSError, ValueError, FatalError):
         return None
     defaults = {key: str(value) for key, value in asdict(Hyperparameters()).items()}
     logged = {key: run.hp.get(key, defaults[key]) for key in expected}
-    return run if logged == expected and set(run.hp) <= set(expected) and run.world_size == world_size else None
+    same = logged == expected and set(run.hp) <= set(expected) and ("\ncuda_rules:" in "\n" + text) == cuda_rules
+    return run if same and run.world_size == world_size else None
 
 
 def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace, reuse: bool) -> RunLog | str:
@@ -150,13 +153,14 @@ def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace, reuse: boo
         full["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // cli.jobs))
     full |= {k: v for k, v in (("DATA_PATH", cli.data), ("TOKENIZER_PATH", cli.tokenizer)) if v}
     log_path = cli.work / "logs" / f"{run_id}.txt"
-    if reuse and (done := reusable(log_path, full, cli.nproc)) is not None:
+    if reuse and (done := reusable(log_path, full, cli.nproc, cli.cuda_rules)) is not None:
         print(f"ablate {run_id} reused:{log_path}", flush=True)
         return done
     log_path.unlink(missing_ok=True)  # the trainer appends to its log
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={cli.nproc}"] \
         if cli.nproc > 1 else [sys.executable]
-    out = subprocess.run([*launcher, str(ROOT / "train_gpt.py")], env=full, cwd=cli.work, capture_output=True, text=True)
+    trainer = ROOT / ("tools/cuda_rules.py" if cli.cuda_rules else "train_gpt.py")
+    out = subprocess.run([*launcher, str(trainer)], env=full, cwd=cli.work, capture_output=True, text=True)
     print(f"ablate {run_id} exit:{out.returncode}", flush=True)
     if out.returncode != 0:
         lines = [line for line in out.stderr.splitlines() if line.strip()]
@@ -286,6 +290,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data", type=lambda p: str(Path(p).resolve()), help="DATA_PATH for every run")
     parser.add_argument("--tokenizer", type=lambda p: str(Path(p).resolve()), help="TOKENIZER_PATH for every run")
     parser.add_argument("--nproc", type=int, default=1)
+    parser.add_argument("--cuda-rules", action="store_true",
+                        help="train through tools/cuda_rules.py: a GPU run's dtypes (bf16 autocast, body) on CPU")
     parser.add_argument("--work", type=lambda p: Path(p).resolve(), default=ROOT / "logs" / "ablate")
     parser.add_argument("--out", type=Path, required=False, help="markdown results file to write")
     parser.add_argument("--resume", action="store_true",

@@ -93,6 +93,7 @@ def bench_step(env: dict[str, str], tokens: int, T: int, device: torch.device, r
     """One optimizer step (forward, backward, Muon + Adam) on random tokens, the trainer's own code path."""
     args = tg.Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(T), "TRAIN_BATCH_TOKENS": str(8 * T * max(1, tokens // (8 * T)))})
     model = tg.ConvGPT(args).to(device)
+    model.body_dtype = tg.body_dtype(args, device)
     tg.set_triton(model, ops.triton_enabled(device))
     step_model = torch.compile(model, dynamic=False) if device.type == "cuda" else model
     optimizers = tg.build_optimizers(model, args, tg.zeropower_via_newtonschulz5)

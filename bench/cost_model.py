@@ -5,7 +5,7 @@ Runbook
   python bench/cost_model.py --routing proxy.ptz --routing-env "NUM_LAYERS=5 MODEL_DIM=128 NUM_HEADS=2 NUM_KV_HEADS=1"
                                                                  # memory work measured on a trained model's routing
   MEM_TOPK=8 python bench/cost_model.py --json                   # one JSON object (settings from the environment)
-  python bench/cost_model.py --bf16-body                         # the prediction with bf16 parameters (the baseline's body)
+  BODY_DTYPE=fp32 python bench/cost_model.py                     # the prediction with an fp32 residual stream
 
 This is a model, not a measurement: a GPU step time replaces it (bench/gpu_preflight.py). What it does:
   1. Work per token, per component, from one meta-device forward (nothing is computed):
@@ -14,7 +14,7 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
        key-chunk-major: key chunk j runs against the queries that read it (its own chunk's and those that picked
        it) in tiles of 64, so its work is the (query, chunk) pairs rounded up to whole 64 x 64 blocks:
        memory_work_over_ideal x (top-k + 1) blocks per 64 queries, taken from the kernel's own schedule
-       (convgpt_ops._schedule) on routing from a trained model (--routing). Without one it is the schedule's bound:
+       (convgpt_ops.memory_schedule) on routing from a trained model (--routing). Without one it is the schedule's bound:
        at most one partly filled tile per picked key chunk (schedule_bound_ratio);
      * bytes: every non-matmul aten op's inputs plus outputs (views and factories move nothing), as eager PyTorch
        would move them. The custom ops count what their kernels read and write, plus the .contiguous() copies
@@ -39,8 +39,9 @@ Assumptions that could be wrong, each a named constant below:
   * The chunk memory kernel runs at FlashAttention's calibrated rate. It is younger code: likely slower.
   * Our model fuses as well as the baseline under torch.compile (one byte rate for both).
   * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes). The baseline keeps its parameters in
-    bf16, so its residual stream is bf16 and its norms, softcap and loss fp32. Ours keeps fp32 parameters, so its
-    residual stream and branch scales are fp32. --bf16-body predicts ours with bf16 parameters (issue 12 item 3).
+    bf16, but its residual stream is fp32: CUDA autocast returns rms_norm in fp32, and its blocks cast their scales
+    to x's dtype. Ours keeps fp32 parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE,
+    bf16 by default; BODY_DTYPE=fp32 gives the earlier prediction).
   * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
     gradient. Its bytes, and the schedule's, get the 3x training factor like everything else (a small overcount).
 """
@@ -65,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
 from bench.flops import count_forward_flops, memory_keys  # noqa: E402
-from convgpt_ops import _schedule, chunk_memory_ref, chunk_picks, memory_is_dense  # noqa: E402
+from convgpt_ops import chunk_memory_ref, chunk_picks, memory_is_dense, memory_schedule  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
 
 H100_BF16_FLOPS = 989e12  # H100 SXM5 dense bf16 tensor-core peak, NVIDIA datasheet
@@ -109,7 +110,7 @@ def cast_floats(tree, dtype: torch.dtype):
 
 class CudaAutocastDtypes(TorchFunctionMode):
     """The dtypes CUDA bf16 autocast gives the trainer's activations: matmuls bf16; rms_norm, softmax, log-softmax,
-    cross-entropy, sum and pow/square fp32 (what tests/cuda_autocast.py reads from CUDA's autocast kernels)."""
+    cross-entropy, sum and pow/square fp32 (what tools/cuda_autocast.py reads from CUDA's autocast kernels)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -171,9 +172,9 @@ def partial_bytes(seq_len: int, chunk: int, topk: int, head_dim: int, elem: int)
     return pairs * per_pair + 2 * seq_len * slots * head_dim * 4
 
 
-def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_body: bool) -> Work:
-    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes; bf16_body: every parameter bf16,
-    as the baseline keeps its body, so the residual stream and what follows from it are bf16 too.
+def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_params: bool) -> Work:
+    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes and the trainer's body dtype on
+    CUDA; bf16_params: every parameter bf16, as the baseline keeps its model.
     work_over_ideal None = the schedule's bound."""
     T, counter, partial = seq_len, ByteCounter(), [0.0]
     args = replace(args, train_seq_len=T, eval_seq_len=0)
@@ -187,7 +188,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
-            _schedule(chunk_picks(q, k, chunk, topk), chunk)
+            memory_schedule(chunk_picks(q, k, chunk, topk), chunk)
         partial[0] += q.shape[0] * q.shape[1] * partial_bytes(T, chunk, topk, q.shape[3], q.element_size())
         ratio = work_over_ideal if work_over_ideal is not None else schedule_bound_ratio(T, chunk, topk)
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
@@ -199,7 +200,9 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
 
     model = train_gpt.ConvGPT(args)
     train_gpt.set_triton(model, True)
-    model = model.to("meta", torch.bfloat16 if bf16_body else torch.float32)
+    model = model.to("meta", torch.bfloat16 if bf16_params else torch.float32)
+    if not bf16_params:  # the baseline casts nothing: CUDA autocast's rms_norm makes its residual stream fp32
+        model.body_dtype = train_gpt.body_dtype(args, torch.device("cuda"))
     if model.bigram is not None:
         counter.label(model.bigram, "embed")
     for block in model.blocks:
@@ -257,7 +260,7 @@ def calibrate() -> Rates:
     args = Hyperparameters.from_env(BASELINE_ENV)
     tokens, rows, rhs = TOKENS_PER_STEP / GPUS, [], []
     for T in (1024, 2048):
-        work = forward_work(args, T, None, bf16_body=True)
+        work = forward_work(args, T, None, bf16_params=True)
         parts = step_ms(work, args, Rates(float("inf"), float("inf")))
         rows.append([tokens * TRAIN_X["flash"] * work.flash_flops, tokens * TRAIN_X["bytes"] * work.bytes])
         rhs.append(1e-3 * (BASELINE_MS[T] - sum(parts.values())))
@@ -269,8 +272,8 @@ def calibrate() -> Rates:
 
 def scheduled_blocks(picks: torch.Tensor, chunk: int, topk: int) -> tuple[int, int]:
     """(key blocks the kernel executes, ideal blocks) for one routing (chunk_picks, [B, H, T, P]): the executed
-    count is the kernel's own schedule (convgpt_ops._schedule: each key chunk's listed queries in tiles of chunk)."""
-    _, starts, _, _ = _schedule(picks, chunk)
+    count is the kernel's own schedule (convgpt_ops.memory_schedule: each key chunk's listed queries in tiles of chunk)."""
+    _, starts, _, _ = memory_schedule(picks, chunk)
     executed = int(((starts[:, 1:] - starts[:, :-1] + chunk - 1) // chunk).sum())
     return executed, picks.shape[0] * picks.shape[1] * ideal_blocks(picks.shape[2], chunk, topk)
 
@@ -299,9 +302,9 @@ def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, va
     return blocks[0] / blocks[1]
 
 
-def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: float | None, bf16_body: bool) -> dict:
+def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: float | None, bf16_params: bool) -> dict:
     args = Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(seq_len)})
-    work = forward_work(args, seq_len, work_over_ideal, bf16_body)
+    work = forward_work(args, seq_len, work_over_ideal, bf16_params)
     parts = step_ms(work, args, rates)
     ms = sum(parts.values())
     per_byte = 1e3 * TOKENS_PER_STEP / GPUS / rates.bytes_s
@@ -325,7 +328,7 @@ def report(cli: argparse.Namespace, env: dict[str, str]) -> dict:
     rates = calibrate()
     seq_lens = sorted({cli.seq_len, 1024, 2048})
     ratios = routing_ratios(cli, seq_lens) if cli.routing else {}
-    rows = {T: {"default": predict(env, T, rates, ratios.get(T), cli.bf16_body),
+    rows = {T: {"default": predict(env, T, rates, ratios.get(T), False),
                 "baseline": predict(BASELINE_ENV, T, rates, None, True)} for T in seq_lens}
     return {"rates": rates, "ratios": ratios, "rows": rows}
 
@@ -344,14 +347,13 @@ def json_object(cli: argparse.Namespace, env: dict[str, str], result: dict) -> d
             "parts_ms": {name: r["parts_ms"] for name, r in row.items()},
             "steps_in_600s": {name: r["steps_in_600s"] for name, r in row.items()},
             "calibration": {"flash_flops_s": result["rates"].flash_flops_s, "bytes_s": result["rates"].bytes_s},
-            "bf16_body": cli.bf16_body}
+            "body_dtype": args.body_dtype}
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=1024, help="sequence length of the --json object")
     parser.add_argument("--json", action="store_true")
-    parser.add_argument("--bf16-body", action="store_true", help="predict our model with bf16 parameters")
     parser.add_argument("--routing", type=Path, help="a trained artifact whose memory routing sets the kernel's work")
     parser.add_argument("--routing-env", default="", help="the settings that artifact was trained with, KEY=VALUE ...")
     parser.add_argument("--routing-data", default=str(ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024"))
@@ -371,7 +373,7 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"calibration: attention {rates.flash_flops_s / 1e12:.0f} TFLOP/s, bytes {rates.bytes_s / 1e12:.2f} TB/s "
           f"(eager-count bytes; matmuls at {MATMUL_EFFICIENCY:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s)")
     print(f"settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}; "
-          f"body {'bf16 (as the baseline)' if cli.bf16_body else 'fp32 parameters, CUDA autocast dtypes'}; memory work: "
+          f"body {Hyperparameters.from_env(env).body_dtype} (fp32 parameters, CUDA autocast dtypes); memory work: "
           + (", ".join(f"{r:.2f}x ideal at {T}" for T, r in result["ratios"].items()) if result["ratios"]
              else "the schedule's bound (no --routing)"))
     for T, row in result["rows"].items():

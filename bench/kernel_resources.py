@@ -147,8 +147,9 @@ def memory_case(T: int, dtype: torch.dtype, head_dim: int, chunk: int) -> Callab
         q = torch.randn(1, HP.num_heads, T, head_dim).to(dtype)
         k, v = (torch.randn(1, HP.num_kv_heads, T, head_dim).to(dtype) for _ in range(2))
         picks = ops.chunk_picks(q.float(), k.float(), chunk, HP.mem_topk)
-        out, lse = ops.launch_memory_forward(q, k, v, picks, chunk)
-        ops.launch_memory_backward(out, q, k, v, picks, lse, lse, chunk)
+        pairs, starts, used, work = ops.memory_schedule(picks, chunk)
+        out, lse = ops.launch_memory_forward(q, k, v, pairs, starts, used, work, chunk)
+        ops.launch_memory_backward(out, q, k, v, pairs, starts, lse, lse, chunk)
     return launch
 
 

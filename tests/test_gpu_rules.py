@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 import convgpt_ops as ops
 import train_gpt as tg
-from cuda_autocast import UNPROBED, emulate_cuda_autocast
+from tools.cuda_autocast import UNPROBED, emulate_cuda_autocast
 from test_model import CONFIGS, TRITON_EDGES, random_model, token_batch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -25,6 +25,13 @@ DTYPE_NEUTRAL = {"__getitem__", "__setitem__"}  # indexing, which no autocast li
 def gpu_autocast():
     """The dtype rules a GPU run trains under: CUDA's autocast, emulated on CPU."""
     return tg.autocast(DEVICE) if DEVICE.type == "cuda" else emulate_cuda_autocast()
+
+
+def gpu_model(name: str) -> tg.ConvGPT:
+    """random_model with the residual stream a GPU run gives it (build_model's body_dtype on CUDA: bf16)."""
+    model = random_model(CONFIGS[name]).to(DEVICE)
+    model.body_dtype = tg.body_dtype(model.args, torch.device("cuda"))
+    return model
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -68,7 +75,7 @@ def test_kernel_path_under_cuda_autocast_is_as_accurate_as_the_reference(name):
     ids, targets = token_batch(1).to(DEVICE), token_batch(2).to(DEVICE)
     results = []
     for triton, rules in ((False, contextlib.nullcontext), (False, gpu_autocast), (True, gpu_autocast)):
-        model = random_model(CONFIGS[name]).to(DEVICE)
+        model = gpu_model(name) if triton or rules is gpu_autocast else random_model(CONFIGS[name]).to(DEVICE)
         tg.set_qat(model, True)
         tg.set_triton(model, triton)
         with rules():
@@ -83,11 +90,34 @@ def test_kernel_path_under_cuda_autocast_is_as_accurate_as_the_reference(name):
     assert UNPROBED <= DTYPE_NEUTRAL, f"functions whose CUDA dtype the emulation could not learn: {UNPROBED}"
 
 
+def test_bf16_body_keeps_parameters_fp32_and_the_residual_stream_bf16():
+    """BODY_DTYPE=bf16 under CUDA autocast: every block takes and returns bf16, logits and every gradient stay fp32,
+    and the loss moves by bf16 rounding only against the fp32 stream (same weights, same autocast)."""
+    assert tg.body_dtype(tg.Hyperparameters(), torch.device("cpu")) == torch.float32  # CPU runs have no autocast
+    assert tg.body_dtype(tg.Hyperparameters(body_dtype="fp32"), torch.device("cuda")) == torch.float32
+    ids, targets = token_batch(1).to(DEVICE), token_batch(2).to(DEVICE)
+    losses = {}
+    for body in (torch.bfloat16, torch.float32):
+        model = gpu_model("default")
+        model.body_dtype = body
+        seen = []
+        for block in model.blocks:
+            block.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, args[1].dtype, out.dtype)))
+        with gpu_autocast():
+            logits = model.forward_logits(ids)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        assert seen == [(body, body, body)] * len(model.blocks) and logits.dtype == torch.float32
+        assert all(p.dtype == p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in model.parameters())
+        losses[body] = loss.item()
+    assert abs(losses[torch.bfloat16] - losses[torch.float32]) <= 2e-3 * losses[torch.float32], losses
+
+
 @pytest.mark.slow
 def test_kernel_path_under_cuda_autocast_is_causal():
     """Perturbing tokens after t leaves logits <= t bit-identical; the gradient of logits at t with respect to
     later embeddings is exactly zero. On a GPU this is the compiled kernels' causality test."""
-    model = random_model(CONFIGS["default"]).to(DEVICE)
+    model = gpu_model("default")
     tg.set_triton(model, True)
     ids = token_batch().to(DEVICE)
     with torch.no_grad(), gpu_autocast():

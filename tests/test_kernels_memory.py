@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from convgpt_ops import (_schedule, check_chunk_memory_inputs, check_memory_sizes, chunk_memory_op, chunk_memory_ref,
-                         chunk_memory_triton, chunk_picks, chunk_routing)
+from convgpt_ops import (check_chunk_memory_inputs, check_memory_sizes, chunk_memory_from_picks, chunk_memory_op,
+                         chunk_memory_ref, chunk_memory_triton, chunk_picks, chunk_routing, memory_schedule)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -96,7 +96,7 @@ def test_schedule_lists_each_reading_query_once_and_tiles_cover_the_lists():
     q, k, _, _ = make(2, 2, 1, T, 16, seed=3)
     picks = chunk_picks(q, k, C, topk)
     picked = chunk_routing(q, k, C, topk).cpu()
-    pairs, starts, used, work = (x.cpu() for x in _schedule(picks, C))
+    pairs, starts, used, work = (x.cpu() for x in memory_schedule(picks, C))
     n_past, nt, S = picked.shape[-1], -(-T // C), topk + 1
     for b in range(2):
         for h in range(2):
@@ -123,7 +123,7 @@ def test_picks_at_or_after_the_own_chunk_repeated_or_negative_are_dropped():
     results = []
     for p in (picks, junk):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out, lse = chunk_memory_op(*leaves, p, C)
+        out, lse = chunk_memory_from_picks(*leaves, p, C)
         (out * torch.arange(16, device=DEVICE)).sum().backward()
         results.append([out, lse, *(x.grad for x in leaves)])
     for got, want in zip(*results):
@@ -140,7 +140,7 @@ def test_lse_output_and_its_gradient():
     q, k, v, _ = make(1, 2, 1, 40, 16, seed=13)
     picked = chunk_routing(q, k, C, 1)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, lse = chunk_memory_op(*leaves, chunk_picks(q, k, C, 1), C)
+    out, lse = chunk_memory_from_picks(*leaves, chunk_picks(q, k, C, 1), C)
     tol = TOL[DTYPE]
     assert lse.shape == (1, 2, 40) and lse.dtype == torch.float32
     pos = torch.arange(40, device=DEVICE)
@@ -160,7 +160,7 @@ def test_lse_output_and_its_gradient():
 def test_opcheck():
     q, k, v, _ = make(1, 2, 1, 33, 16, seed=17)
     picks = chunk_picks(q, k, C, 1)
-    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [picks, C]))
+    torch.library.opcheck(chunk_memory_op, ([x.requires_grad_() for x in (q, k, v)] + [*memory_schedule(picks, C), C]))
 
 
 def test_torch_compile_fullgraph():
@@ -196,9 +196,27 @@ def test_rejects_bad_inputs(over, chunk, needle):
 def test_rejects_bad_picks():
     q, k, v = good()
     with pytest.raises(ValueError, match="picks must be int32/int64"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 32, 1, dtype=torch.bool, device=DEVICE), C)
+        chunk_memory_from_picks(q, k, v, torch.zeros(1, 4, 32, 1, dtype=torch.bool, device=DEVICE), C)
     with pytest.raises(ValueError, match=r"\[1, 4, 32, P\] on .*; got torch.int64 \(1, 4, 31, 1\)"):
-        chunk_memory_op(q, k, v, torch.zeros(1, 4, 31, 1, dtype=torch.long, device=DEVICE), C)
+        chunk_memory_from_picks(q, k, v, torch.zeros(1, 4, 31, 1, dtype=torch.long, device=DEVICE), C)
+
+
+def test_rejects_a_schedule_that_is_not_memory_schedules():
+    q, k, v = good()
+    pairs, starts, used, work = memory_schedule(torch.zeros(1, 4, 32, 1, dtype=torch.long, device=DEVICE), C)
+    with pytest.raises(ValueError, match=r"schedule pairs must be int32 \[4, 64\]"):
+        chunk_memory_op(q, k, v, pairs.long(), starts, used, work, C)
+    with pytest.raises(ValueError, match=r"schedule work must be int32 \[4, 6\]"):
+        chunk_memory_op(q, k, v, pairs, starts, used, work[:, :-1], C)
+
+
+def test_one_schedule_serves_forward_and_backward(monkeypatch: pytest.MonkeyPatch):
+    import convgpt_ops
+    calls = []
+    monkeypatch.setattr(convgpt_ops, "memory_schedule", lambda *a: calls.append(1) or memory_schedule(*a))
+    q, k, v, grad = make(1, 2, 1, 48, 16, seed=23)
+    run(chunk_memory_triton, q, k, v, grad, 1)
+    assert len(calls) == 1
 
 
 def test_refuses_what_cannot_launch_on_hopper():
