@@ -8,6 +8,8 @@ What is here
   conv_taps_inverse(table): which position reads s through tap j (the backward's gather, no atomics).
   causal_gather_conv_ref(u, table, weight) / gather_conv_triton(u, table, inverse, weight):
       depthwise conv over those taps, u [B, T, C], weight [C, J] in u's dtype.
+  gated_gather_conv_ref(u, gate, table, weight) / gated_gather_conv(u, gate, table, inverse, weight):
+      ConvMix's silu(gate) * conv, the gate applied in the conv kernel's epilogue.
   chunk_picks(q, k, chunk, topk) / chunk_routing(...): which complete earlier chunks each (head, query token)
       reads, as indices (what the kernels take) or as a mask (what the reference takes).
   memory_schedule(picks, chunk): the kernels' key-chunk-major work lists, built once for forward and backward.
@@ -145,10 +147,11 @@ def conv_taps_inverse(table: Tensor) -> Tensor:
 
 
 @triton.jit
-def _gather_conv_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, T, C, stride_xb, stride_xt, J: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+def _gather_conv_kernel(x_ptr, gate_ptr, idx_ptr, w_ptr, out_ptr, gated_ptr, T, C, stride_xb, stride_xt,
+                        J: tl.constexpr, GATED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
     """out[b, t, c] = sum_j w[c, j] * x[b, idx[t, j] - 1, c], skipping idx == 0 and idx > T; x may be strided in
-    b and t (its channels contiguous), out is contiguous."""
+    b and t (its channels contiguous), out is contiguous. GATED: also gated = silu(gate) * out, gate with x's
+    strides (the other half of the same projection), gated contiguous."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     b = tl.program_id(2).to(tl.int64)
@@ -162,7 +165,12 @@ def _gather_conv_kernel(x_ptr, idx_ptr, w_ptr, out_ptr, T, C, stride_xb, stride_
         x = tl.load(x_ptr + b * stride_xb + (src - 1).to(tl.int64)[:, None] * stride_xt + c[None, :], mask=ok, other=0.0)
         acc += x.to(tl.float32) * w[None, :]
     out_ok = t_ok[:, None] & c_ok[None, :]
-    tl.store(out_ptr + base + t.to(tl.int64)[:, None] * C + c[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    out_off = base + t.to(tl.int64)[:, None] * C + c[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    if GATED:
+        g = tl.load(gate_ptr + b * stride_xb + t.to(tl.int64)[:, None] * stride_xt + c[None, :], mask=out_ok,
+                    other=0.0).to(tl.float32)
+        tl.store(gated_ptr + out_off, (acc * g * tl.sigmoid(g)).to(gated_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -215,16 +223,18 @@ def channels_last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def launch_gather(x: Tensor, idx: Tensor, weight: Tensor) -> Tensor:
-    """out[b, t, c] = sum_j weight[c, j] * x[b, idx[t, j] - 1, c] (forward and grad_u); x's channels contiguous,
-    idx and weight contiguous."""
+def launch_gather(x: Tensor, idx: Tensor, weight: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(out, gated): out[b, t, c] = sum_j weight[c, j] * x[b, idx[t, j] - 1, c] (forward and grad_u), gated =
+    silu(gate) * out when a gate (x's shape and strides) is given, else out itself; x's channels contiguous, idx and
+    weight contiguous."""
     B, T, C = x.shape
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    gated = out if gate is None else torch.empty_like(out)
     block_c = min(GATHER_MAX_BLOCK_C, triton.next_power_of_2(C))
     grid = (triton.cdiv(T, GATHER_BLOCK_T), triton.cdiv(C, block_c), B)
-    _gather_conv_kernel[grid](x, idx, weight, out, T, C, x.stride(0), x.stride(1), J=weight.shape[1],
-                              BLOCK_T=GATHER_BLOCK_T, BLOCK_C=block_c)
-    return out
+    _gather_conv_kernel[grid](x, x if gate is None else gate, idx, weight, out, gated, T, C, x.stride(0), x.stride(1),
+                              J=weight.shape[1], GATED=gate is not None, BLOCK_T=GATHER_BLOCK_T, BLOCK_C=block_c)
+    return out, gated
 
 
 def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> Tensor:
@@ -245,7 +255,7 @@ def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> 
 def gather_conv_triton(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
     """out[b, t, c] = sum_j weight[c, j] * u[b, table[t, j] - 1, c]; differentiable in u and weight."""
     _check_gather_conv(u, table, inv, weight)
-    return launch_gather(channels_last_contiguous(u), table.contiguous(), weight.contiguous())
+    return launch_gather(channels_last_contiguous(u), table.contiguous(), weight.contiguous())[0]
 
 
 @torch.library.custom_op("convgpt::gather_conv_backward", mutates_args=())
@@ -254,7 +264,7 @@ def gather_conv_backward(grad: Tensor, u: Tensor, table: Tensor, inv: Tensor, we
     _check_gather_conv(u, table, inv, weight)
     grad, table, inv, weight = (t.contiguous() for t in (grad.to(u.dtype), table, inv, weight))
     u = channels_last_contiguous(u)
-    return launch_gather(grad, inv, weight), launch_gather_wgrad(grad, u, table, weight.shape[1]).to(weight.dtype)
+    return launch_gather(grad, inv, weight)[0], launch_gather_wgrad(grad, u, table, weight.shape[1]).to(weight.dtype)
 
 
 @gather_conv_triton.register_fake
@@ -279,6 +289,55 @@ def _gather_conv_grad(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
 
 
 gather_conv_triton.register_autograd(_gather_conv_grad, setup_context=_gather_conv_setup)
+
+
+def gated_gather_conv_ref(u: Tensor, gate: Tensor, table: Tensor, weight: Tensor) -> Tensor:
+    """silu(gate) * causal_gather_conv_ref(u, table, weight): ConvMix's fused product."""
+    return F.silu(gate) * causal_gather_conv_ref(u, table, weight)
+
+
+def _same_layout(u: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
+    """u and gate with contiguous channels and one set of strides (ConvMix's are two halves of one projection)."""
+    u, gate = (channels_last_contiguous(x) for x in (u, gate))
+    return (u, gate) if u.stride() == gate.stride() else (u.contiguous(), gate.contiguous())
+
+
+@torch.library.custom_op("convgpt::gated_gather_conv", mutates_args=())
+def gated_gather_conv(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, silu(gate) * m) with m = gather_conv_triton(u, table, inv, weight): the gate in the kernel's epilogue.
+    gate has u's shape and dtype; m is kept for the backward."""
+    _check_gather_conv(u, table, inv, weight)
+    if gate.shape != u.shape or gate.dtype != u.dtype or gate.device != u.device:
+        raise ValueError(f"gate must match u {tuple(u.shape)} {u.dtype} on {u.device}; got {tuple(gate.shape)} "
+                         f"{gate.dtype} on {gate.device}")
+    u, gate = _same_layout(u, gate)
+    return launch_gather(u, table.contiguous(), weight.contiguous(), gate)
+
+
+@gated_gather_conv.register_fake
+def _gated_gather_conv_fake(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    _check_gather_conv(u, table, inv, weight)
+    return u.new_empty(u.shape), u.new_empty(u.shape)
+
+
+def _gated_gather_conv_setup(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
+    u, gate, table, inv, weight = inputs
+    ctx.save_for_backward(u, gate, table, inv, weight, output[0])
+
+
+def _gated_gather_conv_grad(ctx, grad_m: Tensor | None, grad_y: Tensor | None) -> tuple[Tensor | None, ...]:
+    """d/dm = dy * silu(g) (+ m's own gradient), d/dg = dy * m * silu'(g), in fp32; then the conv's backward."""
+    u, gate, table, inv, weight, m = ctx.saved_tensors
+    g = gate.float()
+    dy = torch.zeros_like(g) if grad_y is None else grad_y.float()
+    sig = torch.sigmoid(g)
+    dm = dy * g * sig if grad_m is None else dy * g * sig + grad_m.float()
+    dg = dy * m.float() * sig * (1 + g * (1 - sig))
+    grad_u, grad_w = gather_conv_backward(dm.to(u.dtype), u, table, inv, weight)
+    return grad_u, dg.to(gate.dtype), None, None, grad_w
+
+
+gated_gather_conv.register_autograd(_gated_gather_conv_grad, setup_context=_gated_gather_conv_setup)
 
 
 def memory_is_dense(seq_len: int, chunk: int, topk: int) -> bool:
@@ -651,9 +710,10 @@ def self_test_kernels(device: torch.device, dtype: torch.dtype, tables: tuple[Te
     checks = []
     if tables is not None:
         table, inverse = tables[0][:1024].to(device), tables[1].to(device)
-        u, w = torch.randn(2, table.shape[0], channels, generator=gen), torch.randn(channels, table.shape[1], generator=gen)
-        checks.append(("gather_conv", lambda u, w: gather_conv_triton(u, table, inverse, w),
-                       lambda u, w: causal_gather_conv_ref(u, table, w), (u, w)))
+        u, g = (torch.randn(2, table.shape[0], channels, generator=gen) for _ in range(2))
+        w = torch.randn(channels, table.shape[1], generator=gen)
+        checks.append(("gather_conv", lambda u, g, w: gated_gather_conv(u, g, table, inverse, w)[1],
+                       lambda u, g, w: gated_gather_conv_ref(u, g, table, w), (u, g, w)))
     if memory is not None:
         heads, kv_heads, head_dim, chunk = memory
         qkv = [torch.randn(1, h, 16 * chunk, head_dim, generator=gen) for h in (heads, kv_heads, kv_heads)]

@@ -53,8 +53,8 @@ import torch.nn.functional as F
 import triton
 from torch import Tensor, nn
 
-from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, causal_gather_conv_ref, check_memory_sizes, chunk_memory_ref,
-                         chunk_memory_triton, conv_taps, conv_taps_inverse, gather_conv_triton, memory_is_dense,
+from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, check_memory_sizes, chunk_memory_ref, chunk_memory_triton,
+                         conv_taps, conv_taps_inverse, gated_gather_conv, gated_gather_conv_ref, memory_is_dense,
                          self_test_kernels, triton_enabled)
 from quantize import dequantize_state_dict, fake_quant_int6, output_error, pack, quantize_state_dict, unpack
 
@@ -491,7 +491,7 @@ class TapTable(nn.Module):
 
 class ConvMix(nn.Module):
     """[u, g] = W_in h; m = causal 1D conv and Hilbert 2D conv of u, fused by a per-channel sigmoid gate
-    (one gather conv over both tap sets); y = W_out(silu(g) * m)."""
+    (one gather conv over both tap sets); y = W_out(silu(g) * m), the product in the conv kernel's epilogue."""
 
     def __init__(self, args: Hyperparameters, tap_table: TapTable):
         super().__init__()
@@ -507,8 +507,9 @@ class ConvMix(nn.Module):
         table, inverse, (u, g) = self.tap_table.table[:x.shape[1]], self.tap_table.inverse, self.w_in(x).chunk(2, -1)
         f = torch.sigmoid(self.fuse)[:, None]
         w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1).to(u.dtype)
-        m = gather_conv_triton(u, table, inverse, w) if self.triton else causal_gather_conv_ref(u, table, w)
-        return self.w_out(F.silu(g) * m)
+        if self.triton:
+            return self.w_out(gated_gather_conv(u, g, table, inverse, w)[1])
+        return self.w_out(gated_gather_conv_ref(u, g, table, w))
 
 
 class ChunkMemory(nn.Module):

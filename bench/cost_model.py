@@ -194,9 +194,9 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
         return torch.empty_like(q)
 
-    def gather_conv(u, table, inverse, w):
-        counter.add(*strided_copies(u), u, u)
-        return torch.empty_like(u)
+    def gated_gather_conv(u, g, table, inverse, w):  # reads u and the gate, writes m (kept for backward) and y
+        counter.add(*strided_copies(u, g), u, g, u, u)
+        return torch.empty_like(u), torch.empty_like(u)
 
     model = train_gpt.ConvGPT(args)
     train_gpt.set_triton(model, True)
@@ -212,7 +212,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     tokens = torch.zeros((TOKENS_PER_STEP // GPUS // T, T), dtype=torch.long, device="meta")  # one GPU's micro-batch
     with mock.patch.object(train_gpt, "chunk_memory_triton", memory), \
             mock.patch.object(train_gpt, "chunk_memory_ref", memory), \
-            mock.patch.object(train_gpt, "gather_conv_triton", gather_conv), counter, CudaAutocastDtypes():
+            mock.patch.object(train_gpt, "gated_gather_conv", gated_gather_conv), counter, CudaAutocastDtypes():
         model(tokens, tokens)
     per_token, n = flops.per_token, tokens.numel()
     matrices = [m.weight for m in train_gpt.block_matrices(model).values()]

@@ -135,10 +135,11 @@ def gather_case(T: int, dtype: torch.dtype) -> Callable[[], None]:
     inverse, taps = ops.conv_taps_inverse(table), table.shape[1]
 
     def launch() -> None:
-        u, w = torch.zeros(1, T, HP.model_dim, dtype=dtype), torch.zeros(HP.model_dim, taps, dtype=dtype)
-        ops.launch_gather(u, table, w)
-        ops.launch_gather(u, inverse, w)
-        ops.launch_gather_wgrad(u, u, table, taps)
+        u, gate = torch.zeros(1, T, 2 * HP.model_dim, dtype=dtype).chunk(2, -1)  # ConvMix's: one projection's halves
+        w, grad = torch.zeros(HP.model_dim, taps, dtype=dtype), torch.zeros(1, T, HP.model_dim, dtype=dtype)
+        ops.launch_gather(u, table, w, gate)  # the forward, the gate in its epilogue
+        ops.launch_gather(grad, inverse, w)  # grad_u
+        ops.launch_gather_wgrad(grad, u, table, taps)
     return launch
 
 

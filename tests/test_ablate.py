@@ -174,3 +174,8 @@ def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_pat
     unknown = tmp_path / "unknown.txt"
     unknown.write_text("hp no_such_setting:1\n" + log.read_text())
     assert ablate.reusable(unknown, env, run.world_size) is None
+    assert ablate.reusable(log, env, run.world_size, cuda_rules=True) is None  # trained without tools/cuda_rules.py
+    emulated = tmp_path / "emulated.txt"
+    emulated.write_text("cuda_rules:emulated autocast:cuda_bf16 body_dtype:as_on_cuda\n" + log.read_text())
+    assert ablate.reusable(emulated, env, run.world_size, cuda_rules=True) is not None
+    assert ablate.reusable(emulated, env, run.world_size) is None

@@ -192,8 +192,9 @@ def lora_chunks(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 
 def test_lora_ttt_scores_each_chunk_before_training_on_it_and_documents_never_meet():
     """Chunks (document, first target): doc 0 at 0, 64, 128, 192; doc 1 at 200, 264, 328, 392; doc 2 at 450, ...
     Perturbing doc 1 from target 329 on (its third chunk) must leave doc 1's first two chunks and every chunk of
-    docs 0 and 2 bit-identical: an adapter trained on an unscored token, or shared across documents, changes them."""
-    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    docs 0 and 2 bit-identical: an adapter trained on an unscored token, or shared across documents, changes them.
+    The text uses 48 token ids only, so there is something to adapt to: TTT must lower the loss."""
+    tokens = torch.randint(2, 50, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     tokens[list(LORA_DOCS)] = tg.BOS_ID
     loss, bpb, chunks = lora_chunks(tokens, epochs=2)
     assert chunks.shape == (4 + 4 + 4, 3) and int(chunks[:, 1].sum()) == 699

@@ -165,3 +165,44 @@ def test_bad_inputs_raise_value_errors():
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
             kc.gather_conv_triton(*args)
+
+
+@pytest.mark.parametrize("B,T,C,k,dtype,layout", [
+    (2, 65, 33, (4, 3), torch.float32, "model"), (1, 17, 5, (2, 5), torch.float32, "contiguous"),
+    (1, 40, 70, (3, 0), torch.float32, "mixed"), (2, 33, 16, (4, 3), torch.bfloat16, "model")])
+def test_gated_conv_matches_silu_gate_times_the_reference(B, T, C, k, dtype, layout):
+    """gated_gather_conv's (m, silu(g) * m) against the fp64 reference, with every gradient (u, g, weight) through
+    both outputs; layouts: u and g as the two halves of one projection (ConvMix), separate tensors, or one of each."""
+    table, inv = long_tables(*k)
+    gen = torch.Generator().manual_seed(T + C)
+    both = torch.randn(B, T, 2 * C, generator=gen).to(DEVICE, dtype)
+    u, g = both.chunk(2, -1) if layout == "model" else (both[..., :C].contiguous(), both[..., C:].contiguous())
+    if layout == "mixed":
+        u = both[..., :C]
+    weight = torch.randn(C, table.shape[1], generator=gen).to(DEVICE, dtype)
+    up_m, up_y = (torch.randn(B, T, C, generator=gen).to(DEVICE, dtype) for _ in range(2))
+    leaves = [x.detach().clone().requires_grad_() for x in (u, g, weight)]
+    m, y = kc.gated_gather_conv(leaves[0], leaves[1], table[:T], inv, leaves[2])
+    ((m * up_m).sum() + (y * up_y).sum()).backward()
+    ref_leaves = [x.detach().double().requires_grad_() for x in (u, g, weight)]
+    ref_m = causal_gather_conv_ref(ref_leaves[0], table[:T], ref_leaves[2])
+    ref_y = kc.gated_gather_conv_ref(ref_leaves[0], ref_leaves[1], table[:T], ref_leaves[2])
+    ((ref_m * up_m.double()).sum() + (ref_y * up_y.double()).sum()).backward()
+    for name, got, want in zip(("m", "y", "grad_u", "grad_g", "grad_w"), [m, y, *(x.grad for x in leaves)],
+                               [ref_m, ref_y, *(x.grad for x in ref_leaves)]):
+        assert got.dtype == dtype and rel_err(got, want) <= TOL[dtype], f"{name}: {rel_err(got, want):.2e}"
+    g_only, g64 = g.detach().clone().requires_grad_(), g.detach().double().requires_grad_()
+    kc.gated_gather_conv(u, g_only, table[:T], inv, weight)[1].sum().backward()  # m unused: its gradient is None
+    kc.gated_gather_conv_ref(u.double(), g64, table[:T], weight.double()).sum().backward()
+    assert rel_err(g_only.grad, g64.grad) <= TOL[dtype]
+
+
+def test_gated_conv_opcheck_and_bad_gate():
+    table, inv = long_tables(4, 3)
+    u, g = (torch.randn(2, 17, 5, device=DEVICE, requires_grad=True) for _ in range(2))
+    weight = torch.randn(5, table.shape[1], device=DEVICE, requires_grad=True)
+    torch.library.opcheck(kc.gated_gather_conv, (u, g, table[:17], inv, weight))
+    with pytest.raises(ValueError, match="gate must match u"):
+        kc.gated_gather_conv(u, g[:, :16], table[:17], inv, weight)
+    with pytest.raises(ValueError, match="gate must match u"):
+        kc.gated_gather_conv(u, g.bfloat16(), table[:17], inv, weight)

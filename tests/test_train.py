@@ -4,6 +4,7 @@ every bad input of DESIGN.md, and a real-text run that must beat the unigram bpb
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -52,6 +53,22 @@ def test_run_prints_final_lines_and_writes_the_artifact(reference_run):
     assert (workdir / "logs" / "convgpt.txt").read_text() == stdout
     losses = train_losses(stdout)
     assert len(losses) == 6 and losses[-1] < losses[0]
+
+
+@pytest.mark.slow
+def test_cuda_rules_train_the_gpu_dtypes_on_cpu(reference_run, smoke_data, tmp_path):
+    """tools/cuda_rules.py: the same run under emulated CUDA autocast with the bf16 residual stream, logged as such;
+    bf16 rounding moves the losses a little, not the run's course. The plain CPU run keeps fp32 (body_dtype:float32)."""
+    _, stdout = reference_run
+    body = lambda text: re.findall(r"^model_params:.* body_dtype:(\S+)$", text, re.M)  # noqa: E731
+    assert body(stdout) == ["float32"]
+    out = subprocess.run([sys.executable, str(ROOT / "tools" / "cuda_rules.py")], env=trainer_env(smoke_data, tmp_path),
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("cuda_rules:emulated") and body(out.stdout) == ["bfloat16"]
+    plain, emulated = train_losses(stdout), train_losses(out.stdout)
+    assert plain != emulated and max(abs(a - b) for a, b in zip(plain, emulated)) < 0.05
+    assert math.isfinite(float(log_values(out.stdout, "final_sliding_window_exact")["val_bpb"]))
 
 
 @pytest.mark.slow
