@@ -223,6 +223,13 @@ def channels_last_contiguous(x: Tensor) -> Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def one_layout(*xs: Tensor) -> tuple[Tensor, ...]:
+    """xs with contiguous last dims and one set of strides, for a kernel that indexes them alike: the views
+    themselves where they share strides (the model's are slices of one projection), else contiguous copies."""
+    xs = tuple(channels_last_contiguous(x) for x in xs)
+    return xs if all(x.stride() == xs[0].stride() for x in xs) else tuple(x.contiguous() for x in xs)  # SymInts: no set
+
+
 def launch_gather(x: Tensor, idx: Tensor, weight: Tensor, gate: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(out, gated): out[b, t, c] = sum_j weight[c, j] * x[b, idx[t, j] - 1, c] (forward and grad_u), gated =
     silu(gate) * out when a gate (x's shape and strides) is given, else out itself; x's channels contiguous, idx and
@@ -296,12 +303,6 @@ def gated_gather_conv_ref(u: Tensor, gate: Tensor, table: Tensor, weight: Tensor
     return F.silu(gate) * causal_gather_conv_ref(u, table, weight)
 
 
-def _same_layout(u: Tensor, gate: Tensor) -> tuple[Tensor, Tensor]:
-    """u and gate with contiguous channels and one set of strides (ConvMix's are two halves of one projection)."""
-    u, gate = (channels_last_contiguous(x) for x in (u, gate))
-    return (u, gate) if u.stride() == gate.stride() else (u.contiguous(), gate.contiguous())
-
-
 @torch.library.custom_op("convgpt::gated_gather_conv", mutates_args=())
 def gated_gather_conv(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
     """(m, silu(gate) * m) with m = gather_conv_triton(u, table, inv, weight): the gate in the kernel's epilogue.
@@ -310,7 +311,7 @@ def gated_gather_conv(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weigh
     if gate.shape != u.shape or gate.dtype != u.dtype or gate.device != u.device:
         raise ValueError(f"gate must match u {tuple(u.shape)} {u.dtype} on {u.device}; got {tuple(gate.shape)} "
                          f"{gate.dtype} on {gate.device}")
-    u, gate = _same_layout(u, gate)
+    u, gate = one_layout(u, gate)
     return launch_gather(u, table.contiguous(), weight.contiguous(), gate)
 
 
@@ -619,8 +620,7 @@ def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pa
 def memory_layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v as the kernels take them without copies where strides will do: D contiguous, k and v alike (the
     model's k and v are two halves of one projection, so they are)."""
-    q, k, v = (channels_last_contiguous(x) for x in (q, k, v))
-    return (q, k, v) if k.stride() == v.stride() else (q, k.contiguous(), v.contiguous())
+    return (channels_last_contiguous(q), *one_layout(k, v))
 
 
 def check_memory_schedule(q: Tensor, chunk: int, pairs: Tensor, starts: Tensor, used: Tensor, work: Tensor) -> None:

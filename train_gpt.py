@@ -137,7 +137,7 @@ class Hyperparameters:
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
-    body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA): bf16 as the baseline's, or fp32
+    body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); fp32 = the baseline's (autocast's rms_norm)
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
