@@ -6,10 +6,9 @@ What is here
       Taps 0..conv1d_k-1 are the causal 1D conv (p, p-1, ...); the rest are the KxK Hilbert-grid
       neighbours of p, kept only where the neighbour's sequence index is <= p.
   conv_taps_inverse(table): which position reads s through tap j (the backward's gather, no atomics).
-  causal_gather_conv_ref(u, table, weight) / gather_conv_triton(u, table, inverse, weight):
-      depthwise conv over those taps, u [B, T, C], weight [C, J] in u's dtype.
+  causal_gather_conv_ref(u, table, weight): depthwise conv over those taps, u [B, T, C], weight [C, J] in u's dtype.
   gated_gather_conv_ref(u, gate, table, weight) / gated_gather_conv(u, gate, table, inverse, weight):
-      ConvMix's silu(gate) * conv, the gate applied in the conv kernel's epilogue.
+      ConvMix's silu(gate) * conv; the kernel op returns (conv, gated), the gate applied in its epilogue.
   chunk_picks(q, k, chunk, topk) / chunk_routing(...): which complete earlier chunks each (head, query token)
       reads, as indices (what the kernels take) or as a mask (what the reference takes).
   memory_schedule(picks, chunk): the kernels' key-chunk-major work lists, built once for forward and backward.
@@ -19,7 +18,7 @@ What is here
       kernels exactly on CUDA; on CPU the kernels need Triton's interpreter (TRITON_INTERPRET=1).
   launch_*: the kernel launches, shared by the ops and bench/kernel_resources.py (sm_90 compile, no GPU).
   self_test_kernels(...): each kernel once at the model's parameters against its _ref (the trainer's startup check).
-The kernel ops are torch.library custom ops (convgpt::gather_conv, convgpt::chunk_memory, and their
+The kernel ops are torch.library custom ops (convgpt::gated_gather_conv, convgpt::chunk_memory, and their
 backwards) with fake and autograd registrations, so torch.compile(fullgraph=True) traces them. Every input of an
 op has one dtype (CUDA autocast returns fp32 from rms_norm: callers cast).
 
@@ -166,11 +165,12 @@ def _gather_conv_kernel(x_ptr, gate_ptr, idx_ptr, w_ptr, out_ptr, gated_ptr, T, 
         acc += x.to(tl.float32) * w[None, :]
     out_ok = t_ok[:, None] & c_ok[None, :]
     out_off = base + t.to(tl.int64)[:, None] * C + c[None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=out_ok)
+    m = acc.to(out_ptr.dtype.element_ty)  # the gate multiplies the stored m: 128 registers in bf16, acc took 130
+    tl.store(out_ptr + out_off, m, mask=out_ok)
     if GATED:
         g = tl.load(gate_ptr + b * stride_xb + t.to(tl.int64)[:, None] * stride_xt + c[None, :], mask=out_ok,
                     other=0.0).to(tl.float32)
-        tl.store(gated_ptr + out_off, (acc * g * tl.sigmoid(g)).to(gated_ptr.dtype.element_ty), mask=out_ok)
+        tl.store(gated_ptr + out_off, (m.to(tl.float32) * g * tl.sigmoid(g)).to(gated_ptr.dtype.element_ty), mask=out_ok)
 
 
 @triton.jit
@@ -258,26 +258,13 @@ def launch_gather_wgrad(grad: Tensor, u: Tensor, table: Tensor, n_taps: int) -> 
     return part.sum(0)
 
 
-@torch.library.custom_op("convgpt::gather_conv", mutates_args=())
-def gather_conv_triton(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
-    """out[b, t, c] = sum_j weight[c, j] * u[b, table[t, j] - 1, c]; differentiable in u and weight."""
-    _check_gather_conv(u, table, inv, weight)
-    return launch_gather(channels_last_contiguous(u), table.contiguous(), weight.contiguous())[0]
-
-
 @torch.library.custom_op("convgpt::gather_conv_backward", mutates_args=())
 def gather_conv_backward(grad: Tensor, u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(grad_u, grad_weight) of gather_conv_triton for output gradient grad."""
+    """(grad_u, grad_weight) of the gather conv m = launch_gather(u, table, weight) for output gradient grad."""
     _check_gather_conv(u, table, inv, weight)
     grad, table, inv, weight = (t.contiguous() for t in (grad.to(u.dtype), table, inv, weight))
     u = channels_last_contiguous(u)
     return launch_gather(grad, inv, weight)[0], launch_gather_wgrad(grad, u, table, weight.shape[1]).to(weight.dtype)
-
-
-@gather_conv_triton.register_fake
-def _gather_conv_fake(u: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> Tensor:
-    _check_gather_conv(u, table, inv, weight)
-    return u.new_empty(u.shape)
 
 
 @gather_conv_backward.register_fake
@@ -286,56 +273,53 @@ def _gather_conv_backward_fake(grad: Tensor, u: Tensor, table: Tensor, inv: Tens
     return u.new_empty(u.shape), weight.new_empty(weight.shape)
 
 
-def _gather_conv_setup(ctx, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _gather_conv_grad(ctx, grad: Tensor) -> tuple[Tensor | None, ...]:
-    grad_u, grad_w = gather_conv_backward(grad, *ctx.saved_tensors)
-    return grad_u, None, None, grad_w
-
-
-gather_conv_triton.register_autograd(_gather_conv_grad, setup_context=_gather_conv_setup)
-
-
 def gated_gather_conv_ref(u: Tensor, gate: Tensor, table: Tensor, weight: Tensor) -> Tensor:
     """silu(gate) * causal_gather_conv_ref(u, table, weight): ConvMix's fused product."""
     return F.silu(gate) * causal_gather_conv_ref(u, table, weight)
 
 
-@torch.library.custom_op("convgpt::gated_gather_conv", mutates_args=())
-def gated_gather_conv(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """(m, silu(gate) * m) with m = gather_conv_triton(u, table, inv, weight): the gate in the kernel's epilogue.
-    gate has u's shape and dtype; m is kept for the backward."""
+def _check_gate(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> None:
     _check_gather_conv(u, table, inv, weight)
     if gate.shape != u.shape or gate.dtype != u.dtype or gate.device != u.device:
         raise ValueError(f"gate must match u {tuple(u.shape)} {u.dtype} on {u.device}; got {tuple(gate.shape)} "
                          f"{gate.dtype} on {gate.device}")
+
+
+@torch.library.custom_op("convgpt::gated_gather_conv", mutates_args=())
+def gated_gather_conv(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(m, silu(gate) * m), m[b, t, c] = sum_j weight[c, j] * u[b, table[t, j] - 1, c]: the conv with the gate in
+    its kernel's epilogue; differentiable in u, gate and weight through both outputs (m alone is the plain conv).
+    gate has u's shape and dtype; m is kept for the backward."""
+    _check_gate(u, gate, table, inv, weight)
     u, gate = one_layout(u, gate)
     return launch_gather(u, table.contiguous(), weight.contiguous(), gate)
 
 
 @gated_gather_conv.register_fake
 def _gated_gather_conv_fake(u: Tensor, gate: Tensor, table: Tensor, inv: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    _check_gather_conv(u, table, inv, weight)
+    _check_gate(u, gate, table, inv, weight)
     return u.new_empty(u.shape), u.new_empty(u.shape)
 
 
 def _gated_gather_conv_setup(ctx, inputs: tuple[Tensor, ...], output: tuple[Tensor, Tensor]) -> None:
     u, gate, table, inv, weight = inputs
     ctx.save_for_backward(u, gate, table, inv, weight, output[0])
+    ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not as a tensor of zeros
 
 
 def _gated_gather_conv_grad(ctx, grad_m: Tensor | None, grad_y: Tensor | None) -> tuple[Tensor | None, ...]:
     """d/dm = dy * silu(g) (+ m's own gradient), d/dg = dy * m * silu'(g), in fp32; then the conv's backward."""
     u, gate, table, inv, weight, m = ctx.saved_tensors
-    g = gate.float()
-    dy = torch.zeros_like(g) if grad_y is None else grad_y.float()
-    sig = torch.sigmoid(g)
-    dm = dy * g * sig if grad_m is None else dy * g * sig + grad_m.float()
-    dg = dy * m.float() * sig * (1 + g * (1 - sig))
+    dm, dg = (None if grad_m is None else grad_m.float()), None
+    if grad_y is not None:
+        g, dy = gate.float(), grad_y.float()
+        sig = torch.sigmoid(g)
+        dm = dy * g * sig if dm is None else dm + dy * g * sig
+        dg = (dy * m.float() * sig * (1 + g * (1 - sig))).to(gate.dtype)
+    if dm is None:
+        return None, None, None, None, None
     grad_u, grad_w = gather_conv_backward(dm.to(u.dtype), u, table, inv, weight)
-    return grad_u, dg.to(gate.dtype), None, None, grad_w
+    return grad_u, dg, None, None, grad_w
 
 
 gated_gather_conv.register_autograd(_gated_gather_conv_grad, setup_context=_gated_gather_conv_setup)
@@ -445,7 +429,7 @@ def memory_schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, 
     W = cdiv(T * S, chunk) + NT bounds the tiles without a host sync. Built once per call of chunk_memory_triton:
     the forward and the backward op take the same lists."""
     B, H, T, P = picks.shape
-    nt, dev, S = triton.cdiv(T, chunk), picks.device, P + 1
+    nt, dev, S = -(-T // chunk), picks.device, P + 1  # ceil division in plain ints: this runs in traced code
     own = (torch.arange(T, device=dev) // chunk).view(T, 1).expand(B, H, T, 1)
     keys = torch.where((picks >= 0) & (picks < own), picks, nt).sort(-1).values
     repeat = torch.cat([torch.zeros_like(keys[..., :1], dtype=torch.bool), keys[..., 1:] == keys[..., :-1]], -1)
@@ -456,7 +440,7 @@ def memory_schedule(picks: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor, 
     starts = torch.searchsorted(by_key.values, bounds).to(torch.int32)
     tiles = (starts[:, 1:] - starts[:, :-1] + chunk - 1) // chunk
     ends = tiles.cumsum(-1)
-    n_work = triton.cdiv(T * S, chunk) + nt
+    n_work = -(-T * S // chunk) + nt
     w = torch.arange(n_work, device=dev).expand(B * H, n_work).contiguous()
     j = torch.searchsorted(ends, w, right=True)
     first = (w - (ends - tiles).gather(-1, j.clamp(max=nt - 1))) * chunk
@@ -624,15 +608,17 @@ def memory_layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tens
 
 
 def check_memory_schedule(q: Tensor, chunk: int, pairs: Tensor, starts: Tensor, used: Tensor, work: Tensor) -> None:
-    """Raise ValueError unless the four lists have memory_schedule's dtypes and shapes for q and chunk."""
+    """Raise ValueError unless the four lists have memory_schedule's dtypes, shapes and layout for q and chunk.
+    Their values are not checked: the kernels index with them, so they must come from memory_schedule, whose
+    dropping of late, repeated and negative picks is what keeps the kernels causal."""
     B, H, T, _ = q.shape
-    nt, slots = triton.cdiv(T, chunk), pairs.shape[-1] // max(T, 1)
+    nt, slots = triton.cdiv(T, chunk), max(pairs.shape[-1] // T, 1)
     want = {"pairs": (B * H, T * slots), "starts": (B * H, nt + 1), "used": (B, H, T),
             "work": (B * H, triton.cdiv(T * slots, chunk) + nt)}
     for name, x in zip(want, (pairs, starts, used, work)):
-        if x.dtype != torch.int32 or tuple(x.shape) != want[name] or x.device != q.device or slots < 1:
-            raise ValueError(f"schedule {name} must be int32 {list(want[name])} on {q.device} (memory_schedule); "
-                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+        if x.dtype != torch.int32 or tuple(x.shape) != want[name] or x.device != q.device or not x.is_contiguous():
+            raise ValueError(f"schedule {name} must be contiguous int32 {list(want[name])} on {q.device} "
+                             f"(memory_schedule); got {x.dtype} {tuple(x.shape)} on {x.device}")
 
 
 @torch.library.custom_op("convgpt::chunk_memory", mutates_args=())
@@ -667,6 +653,7 @@ def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tenso
 def _chunk_memory_setup(ctx, inputs: tuple, output: tuple) -> None:
     q, k, v, pairs, starts, _, _, ctx.chunk = inputs
     ctx.save_for_backward(q, k, v, pairs, starts, *output)
+    ctx.set_materialize_grads(False)  # the unused lse's gradient arrives as None, not as zeros
 
 
 def _chunk_memory_grad(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple:

@@ -12,10 +12,10 @@ Runbook
   python bench/ablate.py --scale proxy --steps 300 --jobs 2 --configs default,dense --eval-at 2048 --resume \
       --data ../shared/data/datasets/fineweb_sample_sp1024 --tokenizer PATH --work /tmp/proxy/work \
       --out bench/results/proxy_steps_cpu.md --plot bench/results/proxy_steps_cpu.png  # golf geometry on CPU
-Every run is `train_gpt.py` (with --cuda-rules `tools/cuda_rules.py`: a GPU run's dtypes on CPU) in a subprocess (one process; `--nproc N` uses torchrun) with the base settings of the
-scale, then the configuration's, then `--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS
-(--seconds), or ITERATIONS with no wallclock cap (--steps). `--jobs J` runs J trainings at once with
-OMP_NUM_THREADS = cores / J; their tokens/s then share the machine and compare only within one table. Logs and
+Every run is `train_gpt.py` (with --cuda-rules `tools/cuda_rules.py`: a GPU run's dtypes on CPU) in a subprocess
+(one process; `--nproc N` uses torchrun) with the base settings of the scale, then the configuration's, then
+`--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS (--seconds), or ITERATIONS with no
+wallclock cap (--steps). `--jobs J` runs J trainings at once with OMP_NUM_THREADS = cores / J; their tokens/s then share the machine and compare only within one table. Logs and
 artifacts land in --work; --resume reuses a finished log there whose hyperparameters and world size match (not
 the code: use a fresh --work after a change to what training computes). --eval-at L
 re-scores each artifact at EVAL_SEQ_LEN=L (EVAL_ONLY=1). The proxy scale scores a fixed val slice that it writes
@@ -133,7 +133,9 @@ def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool 
     None. A setting the log lacks matches only at its default: it was added after the run, and a new setting's
     default keeps what training computed before (the proxy default rerun after GPTQ, TTT_MODE and PRESET were
     added reproduced its val_bpb to 8 decimals). The code is not compared: after a change to what training computes,
-    use a fresh --work. A run under tools/cuda_rules.py (its log says cuda_rules:) serves only --cuda-rules."""
+    use a fresh --work. A run under tools/cuda_rules.py (its log says cuda_rules:) serves only --cuda-rules.
+    One exception to the defaults rule: a CUDA log older than BODY_DTYPE trained with an fp32 stream, though it
+    reads as bf16 (none existed when BODY_DTYPE was added, 2026-12-02)."""
     try:
         text = path.read_text()
         run = parse_log(text, str(path))

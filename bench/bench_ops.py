@@ -7,7 +7,7 @@ Runbook
                                             # the Triton kernels; interpreter times say nothing about GPU speed)
 
 Rows (forward + backward, median ms; on CUDA timed with triton.testing.do_bench, elsewhere with a wall clock):
-  conv triton / conv ref                  the fused causal gather conv (1D + Hilbert taps) of one ConvMix
+  conv triton / conv ref                  one ConvMix's silu(g) * gather conv (1D + Hilbert taps), fwd + bwd
   memory triton / memory ref              chunk memory at MEM_TOPK, MEM_CHUNK=64, 8 query / 4 kv heads of 64
                                           (the ref rows run under torch.compile on CUDA, eagerly elsewhere)
   dense sdpa                              causal attention of the same heads (FlashAttention on Hopper)
@@ -62,16 +62,19 @@ def leaf(shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> to
 
 
 def bench_conv(B: int, T: int, C: int, device: torch.device, dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """ConvMix's silu(g) * conv(u), u and g the two halves of one projection as in the model."""
     table = ops.conv_taps(T, 4, 3).to(device)
     inverse = ops.conv_taps_inverse(table)
-    u, w = leaf((B, T, C), device, dtype), leaf((C, table.shape[1]), device, dtype)
-    ref = torch.compile(ops.causal_gather_conv_ref) if device.type == "cuda" else ops.causal_gather_conv_ref
-    rows = {"conv ref": timed(fwd_bwd(ref, u, table, w), device, repeats)}
+    ug, w = leaf((B, T, 2 * C), device, dtype), leaf((C, table.shape[1]), device, dtype)
+    ref = torch.compile(ops.gated_gather_conv_ref) if device.type == "cuda" else ops.gated_gather_conv_ref
+    rows = {"conv ref": timed(fwd_bwd(lambda ug, w: ref(*ug.chunk(2, -1), table, w), ug, w), device, repeats)}
     if ops.triton_enabled(device):
-        ms = timed(fwd_bwd(ops.gather_conv_triton, u, table, inverse, w), device, repeats)
+        kernel = lambda ug, w: ops.gated_gather_conv(*ug.chunk(2, -1), table, inverse, w)[1]  # noqa: E731
+        ms = timed(fwd_bwd(kernel, ug, w), device, repeats)
         rows["conv triton"] = ms
-        # fewest bytes: forward reads u, writes out; backward reads grad and u, writes grad_u
-        rows["conv triton GB/s"] = 5 * u.numel() * u.element_size() / ms / 1e6
+        # fewest bytes: forward reads u, g, writes m, y; backward reads dy, g, m, u, writes dm, dg, grad_u (and
+        # reads dm twice: grad_u and grad_w)
+        rows["conv triton GB/s"] = 12 * ug.numel() // 2 * ug.element_size() / ms / 1e6
     return rows
 
 

@@ -28,7 +28,7 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
   3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
        matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
        + routing FLOPs / matmul rate + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
-  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, bf16 body): its two measured steps, 43.54 ms
+  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, fp32 stream): its two measured steps, 43.54 ms
      at seq 1024 and 51.9 ms at 2048, are solved for two unknowns, the attention rate and the byte rate, after
      matmuls at the assumed efficiency. The two lengths differ almost only in attention FLOPs per token, which fixes
      the attention rate. The byte rate absorbs torch.compile's fusion, which the eager byte count does not see, and
@@ -38,9 +38,10 @@ Assumptions that could be wrong, each a named constant below:
   * MATMUL_EFFICIENCY 0.6 of bf16 peak for K = 512 matmuls; a lower value moves time from bytes to matmuls.
   * The chunk memory kernel runs at FlashAttention's calibrated rate. It is younger code: likely slower.
   * Our model fuses as well as the baseline under torch.compile (one byte rate for both).
-  * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes). The baseline keeps its parameters in
-    bf16, but its residual stream is fp32: CUDA autocast returns rms_norm in fp32, and its blocks cast their scales
-    to x's dtype. Ours keeps fp32 parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE,
+  * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes). The baseline keeps a bf16 embedding,
+    fp32 matrices (cast to bf16 per matmul) and fp32 control tensors; the stand-in holds every parameter in bf16,
+    which leaves out those per-forward weight casts (a few MB per step). Its residual stream is fp32 either way:
+    CUDA autocast returns rms_norm in fp32, and its blocks cast their scales to x's dtype. Ours keeps fp32 parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE,
     bf16 by default; BODY_DTYPE=fp32 gives the earlier prediction).
   * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
     gradient. Its bytes, and the schedule's, get the 3x training factor like everything else (a small overcount).
@@ -174,7 +175,7 @@ def partial_bytes(seq_len: int, chunk: int, topk: int, head_dim: int, elem: int)
 
 def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_params: bool) -> Work:
     """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes and the trainer's body dtype on
-    CUDA; bf16_params: every parameter bf16, as the baseline keeps its model.
+    CUDA; bf16_params: every parameter bf16 and no body cast, the baseline's stand-in (docstring, assumptions).
     work_over_ideal None = the schedule's bound."""
     T, counter, partial = seq_len, ByteCounter(), [0.0]
     args = replace(args, train_seq_len=T, eval_seq_len=0)

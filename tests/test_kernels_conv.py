@@ -1,4 +1,5 @@
-"""The Triton gather conv against causal_gather_conv_ref (forward, grad_u, grad_weight).
+"""The Triton gather conv (gated_gather_conv: the conv m, and silu(gate) * m from its epilogue) against
+causal_gather_conv_ref and gated_gather_conv_ref (forward, grad_u, grad_gate, grad_weight).
 
 On CPU the kernels run in Triton's interpreter (conftest switches it on before triton is imported); on a GPU the
 compiled kernels run on CUDA tensors.
@@ -29,6 +30,11 @@ def long_tables(k1: int, k2: int) -> tuple[torch.Tensor, torch.Tensor]:
     return table, kc.conv_taps_inverse(table)
 
 
+def gather_conv(u: torch.Tensor, table: torch.Tensor, inv: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The plain conv through the kernel op: its first output, the gate unused (and without a gradient)."""
+    return kc.gated_gather_conv(u, torch.zeros_like(u), table, inv, weight)[0]
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
@@ -42,7 +48,7 @@ def run_both(u: torch.Tensor, k: tuple[int, int], dtype: torch.dtype, slicing: s
     grad = torch.randn(B, T, C, generator=gen).to(DEVICE, dtype)
     tab, inv_in = (table[:T] if slicing != "none" else table), (inv[:T] if slicing == "both" else inv)
     u = u.detach().requires_grad_()
-    out = kc.gather_conv_triton(u, tab, inv_in, weight)
+    out = gather_conv(u, tab, inv_in, weight)
     out.backward(grad)
     u64, w64 = u.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref = causal_gather_conv_ref(u64, table[:T], w64)
@@ -128,16 +134,9 @@ def test_backward_is_bitwise_deterministic():
     assert torch.equal(gu1, gu2) and torch.equal(gw1, gw2)
 
 
-def test_opcheck_fake_and_autograd_registration():
-    table, inv = long_tables(4, 3)
-    u = torch.randn(2, 17, 5, device=DEVICE, requires_grad=True)
-    weight = torch.randn(5, table.shape[1], device=DEVICE, requires_grad=True)
-    torch.library.opcheck(kc.gather_conv_triton, (u, table[:17], inv, weight))
-
-
 def test_compiles_fullgraph():
     table, inv = long_tables(4, 3)
-    fn = torch.compile(lambda u, w: kc.gather_conv_triton(u * 2, table[:33], inv, w).square().sum(),
+    fn = torch.compile(lambda u, w: gather_conv(u * 2, table[:33], inv, w).square().sum(),
                        fullgraph=True, backend="aot_eager")
     u = torch.randn(2, 33, 5, device=DEVICE, requires_grad=True)
     weight = torch.randn(5, table.shape[1], device=DEVICE, requires_grad=True)
@@ -164,7 +163,7 @@ def test_bad_inputs_raise_value_errors():
     ]
     for args, message in cases:
         with pytest.raises(ValueError, match=message):
-            kc.gather_conv_triton(*args)
+            gather_conv(*args)
 
 
 @pytest.mark.parametrize("B,T,C,k,dtype,layout", [
@@ -195,6 +194,9 @@ def test_gated_conv_matches_silu_gate_times_the_reference(B, T, C, k, dtype, lay
     kc.gated_gather_conv(u, g_only, table[:T], inv, weight)[1].sum().backward()  # m unused: its gradient is None
     kc.gated_gather_conv_ref(u.double(), g64, table[:T], weight.double()).sum().backward()
     assert rel_err(g_only.grad, g64.grad) <= TOL[dtype]
+    g_unused = g.detach().clone().requires_grad_()
+    kc.gated_gather_conv(u, g_unused, table[:T], inv, weight)[0].sum().backward()  # y unused: no gate gradient
+    assert g_unused.grad is None
 
 
 def test_gated_conv_opcheck_and_bad_gate():

@@ -204,10 +204,12 @@ def test_rejects_bad_picks():
 def test_rejects_a_schedule_that_is_not_memory_schedules():
     q, k, v = good()
     pairs, starts, used, work = memory_schedule(torch.zeros(1, 4, 32, 1, dtype=torch.long, device=DEVICE), C)
-    with pytest.raises(ValueError, match=r"schedule pairs must be int32 \[4, 64\]"):
+    with pytest.raises(ValueError, match=r"schedule pairs must be contiguous int32 \[4, 64\]"):
         chunk_memory_op(q, k, v, pairs.long(), starts, used, work, C)
-    with pytest.raises(ValueError, match=r"schedule work must be int32 \[4, 6\]"):
+    with pytest.raises(ValueError, match=r"schedule work must be contiguous int32 \[4, 6\]"):
         chunk_memory_op(q, k, v, pairs, starts, used, work[:, :-1], C)
+    with pytest.raises(ValueError, match=r"schedule starts must be contiguous"):
+        chunk_memory_op(q, k, v, pairs, starts.t().contiguous().t(), used, work, C)
 
 
 def test_one_schedule_serves_forward_and_backward(monkeypatch: pytest.MonkeyPatch):

@@ -22,18 +22,20 @@ from tools.cuda_autocast import emulate_cuda_autocast  # noqa: E402
 
 
 def apply() -> None:
-    """Patch train_gpt's two device rules to the CUDA ones (CPU only)."""
-    if torch.cuda.is_available():
-        return
+    """Patch train_gpt's two device rules to the CUDA ones (on CPU; with CUDA they apply already), and log which
+    (bench/ablate.py --resume reuses a log only with its cuda_rules: line)."""
     real_body_dtype, real_logger = train_gpt.body_dtype, train_gpt.make_logger
+    native = torch.cuda.is_available()
 
     def make_logger(args: train_gpt.Hyperparameters, d: train_gpt.Dist):
         log = real_logger(args, d)
-        log("cuda_rules:emulated autocast:cuda_bf16 body_dtype:as_on_cuda")  # bench/ablate.py --resume reads it
+        log("cuda_rules:native (CUDA present)" if native
+            else "cuda_rules:emulated autocast:cuda_bf16 body_dtype:as_on_cuda")
         return log
-    train_gpt.autocast = lambda device: emulate_cuda_autocast()
-    train_gpt.body_dtype = lambda args, device: real_body_dtype(args, torch.device("cuda"))
     train_gpt.make_logger = make_logger
+    if not native:
+        train_gpt.autocast = lambda device: emulate_cuda_autocast()
+        train_gpt.body_dtype = lambda args, device: real_body_dtype(args, torch.device("cuda"))
 
 
 if __name__ == "__main__":
