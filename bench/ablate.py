@@ -15,7 +15,8 @@ Runbook
 Every run is `train_gpt.py` (with --cuda-rules `tools/cuda_rules.py`: a GPU run's dtypes on CPU) in a subprocess
 (one process; `--nproc N` uses torchrun) with the base settings of the scale, then the configuration's, then
 `--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS (--seconds), or ITERATIONS with no
-wallclock cap (--steps). `--jobs J` runs J trainings at once with OMP_NUM_THREADS = cores / J; their tokens/s then share the machine and compare only within one table. Logs and
+wallclock cap (--steps). `--jobs J` runs J trainings at once with OMP_NUM_THREADS = cores / J; their tokens/s
+then share the machine and compare only within one table. Logs and
 artifacts land in --work; --resume reuses a finished log there whose hyperparameters and world size match (not
 the code: use a fresh --work after a change to what training computes). --eval-at L
 re-scores each artifact at EVAL_SEQ_LEN=L (EVAL_ONLY=1). The proxy scale scores a fixed val slice that it writes

@@ -41,8 +41,9 @@ Assumptions that could be wrong, each a named constant below:
   * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes). The baseline keeps a bf16 embedding,
     fp32 matrices (cast to bf16 per matmul) and fp32 control tensors; the stand-in holds every parameter in bf16,
     which leaves out those per-forward weight casts (a few MB per step). Its residual stream is fp32 either way:
-    CUDA autocast returns rms_norm in fp32, and its blocks cast their scales to x's dtype. Ours keeps fp32 parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE,
-    bf16 by default; BODY_DTYPE=fp32 gives the earlier prediction).
+    CUDA autocast returns rms_norm in fp32, and its blocks cast their scales to x's dtype. Ours keeps fp32
+    parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE, bf16 by default; BODY_DTYPE=fp32
+    gives the earlier prediction).
   * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
     gradient. Its bytes, and the schedule's, get the 3x training factor like everything else (a small overcount).
 """
