@@ -22,7 +22,8 @@ Invariants
   * val_bpb is the challenge's: every validation target is scored exactly once, bytes come from the pieces.
   * TTT scores every target before any update trains on it, and LoRA TTT's adapters never cross a document
     boundary (tests/test_eval.py perturbs unscored tokens).
-  * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total).
+  * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total); DDP averages the
+    gradients once per step, overlapped with the last backward (tests/test_train.py: 2 processes = 1).
   * The artifact is written atomically, only from finite weights and only under the cap.
   * GPTQ reads training data (its Hessians) after the loop, so the loop ends GPTQ_RESERVE_SECONDS before the cap
     and calibration + GPTQ must finish inside the reserve, or no artifact is written (CHALLENGE.md: training).
@@ -52,6 +53,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import triton
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, check_memory_sizes, chunk_memory_ref, chunk_memory_triton,
                          conv_taps, conv_taps_inverse, gated_gather_conv, gated_gather_conv_ref, memory_is_dense,
@@ -321,6 +323,23 @@ def all_reduce(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op)
     return t
+
+
+def sync_gradients(params: list[Tensor], world_size: int) -> None:
+    """Average the gradients over the ranks in one all-reduce (TTT's small steps; training goes through DDP)."""
+    if world_size > 1:
+        grads = [p.grad for p in params]
+        flat = all_reduce(torch.cat([g.flatten() for g in grads])) / world_size
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))
+
+
+def data_parallel(step_model: nn.Module, d: Dist) -> nn.Module:
+    """With several ranks, DDP: gradients are averaged in buckets whose all-reduce overlaps the rest of the
+    backward (under torch.compile, DDPOptimizer splits the graph at the bucket boundaries, as in the baseline)."""
+    if d.world_size == 1:
+        return step_model
+    return DDP(step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
 
 
 def sync(device: torch.device) -> None:
@@ -1089,14 +1108,6 @@ def load_artifact(model: ConvGPT) -> int:
 
 # ----------------------------------------------------------------------------- training loop
 
-def sync_gradients(params: list[Tensor], world_size: int) -> None:
-    if world_size > 1:
-        grads = [p.grad for p in params]
-        flat = all_reduce(torch.cat([g.flatten() for g in grads])) / world_size
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
-
-
 def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLoader, optimizers: Optimizers, d: Dist,
                step: int, lr_mul: float) -> Tensor:
     """One optimizer step over this rank's micro-batches; returns this rank's mean loss (not reduced)."""
@@ -1104,16 +1115,16 @@ def train_step(model: ConvGPT, step_model: nn.Module, loader: DistributedTokenLo
     for opt in optimizers:
         opt.zero_grad(set_to_none=True)
     total = torch.zeros((), device=d.device)
-    for _ in range(d.grad_accum):
+    for i in range(d.grad_accum):
         x, y = loader.next_batch()
+        if isinstance(step_model, DDP):
+            step_model.require_backward_grad_sync = i == d.grad_accum - 1  # one all-reduce, in the last backward
         with autocast(d.device):
             loss = step_model(x, y)
         (loss / d.grad_accum).backward()
         total += loss.detach()
-    params = list(model.parameters())
-    sync_gradients(params, d.world_size)
     if args.grad_clip_norm > 0:
-        torch.nn.utils.clip_grad_norm_(params, args.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip_norm)
     warm = min(step / max(args.muon_momentum_warmup_steps, 1), 1.0)
     optimizers.muon.param_groups[0]["momentum"] = (1 - warm) * args.muon_momentum_warmup_start + warm * args.muon_momentum
     for opt in optimizers:
@@ -1221,16 +1232,20 @@ def build_model(args: Hyperparameters, d: Dist, log: Callable[[str], None]) -> t
     if use_triton:
         check_kernels_on_device(model, d, log)
     set_triton(model, use_triton)
-    use_compile = args.compile == "1" or (args.compile == "auto" and d.device.type == "cuda")
+    use_compile = compile_enabled(args, d.device)
     log(f"model_params:{sum(p.numel() for p in model.parameters())} "
         f"block_matrix_params:{sum(m.weight.numel() for m in block_matrices(model).values())} compile:{use_compile} "
         f"triton:{use_triton} body_dtype:{str(model.body_dtype)[6:]}")
     if not use_compile:
-        return model, model
+        return model, data_parallel(model, d)
     # the step (which traces forward_logits too) fails on a graph break; evaluation recompiles per batch shape, grad
     # mode and QAT flag, and past the recompile limit a fullgraph function raises where this one falls back to eager
     model.forward_logits = torch.compile(model.forward_logits, dynamic=False)
-    return model, torch.compile(model, dynamic=False, fullgraph=True)
+    return model, data_parallel(torch.compile(model, dynamic=False, fullgraph=True), d)
+
+
+def compile_enabled(args: Hyperparameters, device: torch.device) -> bool:
+    return args.compile == "1" or (args.compile == "auto" and device.type == "cuda")
 
 
 def check_kernels_on_device(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> None:
@@ -1266,7 +1281,7 @@ def run(env: Mapping[str, str]) -> None:
     log(f"val_tokens:{val_tokens.numel()}")
     model, step_model = build_model(args, d, log)
     if not args.eval_only:
-        orthogonalize = torch.compile(zeropower_via_newtonschulz5) if step_model is not model else zeropower_via_newtonschulz5
+        orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_enabled(args, d.device) else zeropower_via_newtonschulz5
         optimizers = build_optimizers(model, args, orthogonalize)
         t0 = time.perf_counter()
         warmup_and_reset(model, step_model, optimizers, d)

@@ -44,6 +44,9 @@ Assumptions that could be wrong, each a named constant below:
     CUDA autocast returns rms_norm in fp32, and its blocks cast their scales to x's dtype. Ours keeps fp32
     parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE, bf16 by default; BODY_DTYPE=fp32
     gives the earlier prediction).
+  * All-reduces are charged in full (ring time over NVLINK_BYTES_S): the fp32 gradients and Muon's bf16 updates.
+    Both trainers reduce gradients through DDP, in buckets that overlap the backward, so the charge treats them
+    alike and overstates both; the exposed part needs a GPU to measure.
   * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
     gradient. Its bytes, and the schedule's, get the 3x training factor like everything else (a small overcount).
 """

@@ -9,7 +9,10 @@ import os
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch._dynamo.backends.distributed import DDPOptimizer
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 import convgpt_ops as ops
 import train_gpt as tg
@@ -19,6 +22,7 @@ from test_model import CONFIGS, TRITON_EDGES, random_model, token_batch
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="no CUDA device and TRITON_INTERPRET is off: the kernels cannot run")
+SMALL_BUCKET_BYTES = 100_000  # the test model holds 0.74 MB of fp32 gradients: several DDP buckets
 DTYPE_NEUTRAL = {"__getitem__", "__setitem__"}  # indexing, which no autocast list casts, cannot run on fake CUDA
 
 
@@ -137,11 +141,9 @@ def test_kernel_path_under_cuda_autocast_is_causal():
         assert (grad[:, t + 1:] == 0).all() and (grad[:, t] != 0).any(), f"logits at {t}"
 
 
-@pytest.mark.slow
-def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyPatch):
+def compiled_kernel_model(monkeypatch: pytest.MonkeyPatch) -> tuple[tg.ConvGPT, torch.nn.Module]:
     """build_model as a GPU run does it: COMPILE on, kernels on (interpreted on CPU, through their fake
-    registrations while tracing), torch.compile(fullgraph=True) with inductor, so any graph break fails. The
-    compiled step equals the eager kernel model in loss and gradients."""
+    registrations while tracing), torch.compile(fullgraph=True) with inductor, so any graph break fails."""
     monkeypatch.setenv("CONVGPT_TRITON", "1")
     env = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="128",
                TRAIN_BATCH_TOKENS="1024", MEM_CHUNK="16", MEM_TOPK="2", BIGRAM_BUCKETS="64", BIGRAM_DIM="16",
@@ -154,6 +156,11 @@ def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyP
         for p in model.parameters():
             p.normal_(0, p.shape[-1] ** -0.5 if p.ndim == 2 else 0.5)
     tg.set_qat(model, True)
+    return model, step_model
+
+
+def assert_step_matches_eager(model: tg.ConvGPT, step_model: torch.nn.Module) -> None:
+    """The step's loss and every gradient equal the eager kernel model's."""
     ids, targets = token_batch(1).to(DEVICE), token_batch(2).to(DEVICE)
     losses, grads = [], []
     for fn in (step_model, model):
@@ -166,8 +173,42 @@ def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyP
         grads.append([p.grad.clone() for p in model.parameters()])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
     assert all(rel_err(a, b) <= 1e-3 for a, b in zip(*grads))
+
+
+@pytest.mark.slow
+def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyPatch):
+    """The compiled step equals the eager kernel model in loss and gradients, and so does the compiled
+    evaluation forward."""
+    model, step_model = compiled_kernel_model(monkeypatch)
+    assert_step_matches_eager(model, step_model)
+    ids = token_batch(1).to(DEVICE)
     with torch.no_grad(), tg.autocast(DEVICE):
         torch.testing.assert_close(model.forward_logits(ids), tg.ConvGPT.forward_logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_compiled_step_split_into_ddp_buckets_keeps_its_gradients(monkeypatch: pytest.MonkeyPatch):
+    """What overlaps the gradient all-reduce with the backward on 8 GPUs: the compiled step inside DDP, whose
+    DDPOptimizer splits the graph at bucket boundaries (fullgraph still). Small buckets in a one-rank gloo group
+    force several splits here; the split graphs keep the loss and every gradient."""
+    model, step_model = compiled_kernel_model(monkeypatch)
+    splits: list[int] = []
+    compile_fn = DDPOptimizer.compile_fn
+
+    def counting_compile_fn(self, *args, **kwargs):
+        compiled = compile_fn(self, *args, **kwargs)
+        splits.append(len(self.buckets))
+        return compiled
+
+    monkeypatch.setattr(DDPOptimizer, "compile_fn", counting_compile_fn)
+    monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", SMALL_BUCKET_BYTES)  # the first bucket's cap (1 MiB)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        ddp = DDP(step_model, bucket_cap_mb=SMALL_BUCKET_BYTES / 2**20)
+        assert_step_matches_eager(model, ddp)
+    finally:
+        dist.destroy_process_group()
+    assert splits and min(splits) >= 3, splits
 
 
 def test_self_test_passes_on_this_device_and_catches_a_wrong_kernel(monkeypatch: pytest.MonkeyPatch):

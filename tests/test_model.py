@@ -104,6 +104,15 @@ def test_prefix_logits_equal_prefix_of_full_logits(name):
             torch.testing.assert_close(model.forward_logits(ids[:, :t]), full[:, :t], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_parameter_gets_a_gradient_from_one_step(name):
+    """DDP (find_unused_parameters off) waits for every parameter's gradient; one it never gets stops the run."""
+    model = random_model(CONFIGS[name])
+    tg.set_qat(model, True)
+    model(token_batch(1), token_batch(2)).backward()
+    assert [n for n, p in model.named_parameters() if p.grad is None] == []
+
+
 @pytest.mark.slow
 @INTERPRETED
 @pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2"])

@@ -319,15 +319,15 @@ def test_real_fineweb_run_beats_unigram(tmp_path):
 
 
 @pytest.mark.slow
-def test_compiled_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp_path):
-    """COMPILE=1 on CPU (inductor): the GPU path's graphs, QAT switching on mid-run after a warm-up that
-    compiled both variants, BigramHash and TTT through the compiled forward. Numerics differ
-    from eager only by fusion rounding."""
+def test_compiled_two_process_run_with_late_qat_matches_eager(reference_run, smoke_data, tmp_path):
+    """COMPILE=1 on CPU (inductor) in two gloo processes: the GPU path's graphs inside DDP, QAT switching on
+    mid-run after a warm-up that compiled both variants, BigramHash and TTT through the compiled forward.
+    Numerics differ from one eager process only by fusion and reduction rounding."""
     _, stdout = reference_run
     env = dict(QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="4096")
-    out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", **env), tmp_path, timeout=900)
+    out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", **env), tmp_path, nproc=2, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    assert "compile:True" in out.stdout
+    assert "compile:True" in out.stdout and "world_size:2" in out.stdout
     eager = run_trainer(trainer_env(smoke_data, tmp_path, ARTIFACT_PATH=str(tmp_path / "eager.ptz"), **env), tmp_path)
     np.testing.assert_allclose(train_losses(out.stdout), train_losses(eager.stdout), rtol=2e-3)
     assert train_losses(out.stdout) != train_losses(stdout)
