@@ -189,7 +189,7 @@ def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyP
 @pytest.mark.slow
 def test_compiled_step_split_into_ddp_buckets_keeps_its_gradients(monkeypatch: pytest.MonkeyPatch):
     """What overlaps the gradient all-reduce with the backward on 8 GPUs: the compiled step inside DDP, whose
-    DDPOptimizer splits the graph at bucket boundaries (fullgraph still). Small buckets in a one-rank gloo group
+    DDPOptimizer splits the graph at bucket boundaries (fullgraph still). Small buckets in a one-rank group
     force several splits here; the split graphs keep the loss and every gradient."""
     model, step_model = compiled_kernel_model(monkeypatch)
     splits: list[int] = []
@@ -202,7 +202,7 @@ def test_compiled_step_split_into_ddp_buckets_keeps_its_gradients(monkeypatch: p
 
     monkeypatch.setattr(DDPOptimizer, "compile_fn", counting_compile_fn)
     monkeypatch.setattr(dist, "_DEFAULT_FIRST_BUCKET_BYTES", SMALL_BUCKET_BYTES)  # the first bucket's cap (1 MiB)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    dist.init_process_group("nccl" if DEVICE.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ddp = DDP(step_model, bucket_cap_mb=SMALL_BUCKET_BYTES / 2**20)
         assert_step_matches_eager(model, ddp)
