@@ -20,7 +20,7 @@ What is here
   self_test_kernels(...): each kernel once at the model's parameters against its _ref (the trainer's startup check).
 The kernel ops are torch.library custom ops (convgpt::gated_gather_conv, convgpt::chunk_memory, and their
 backwards) with fake and autograd registrations, so torch.compile(fullgraph=True) traces them. Every input of an
-op has one dtype (CUDA autocast returns fp32 from rms_norm: callers cast).
+op has one dtype (from torch 2.12 CUDA autocast returns fp32 from rms_norm: callers cast).
 
 The chunk memory's schedule is key-chunk-major, as MoBA's: a query reads at most topk + 1 key chunks (its picks
 and its own), so key chunk j's list holds its own chunk's queries and the later ones that picked it. A forward

@@ -139,7 +139,7 @@ class Hyperparameters:
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
-    body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); fp32 = the baseline's (autocast's rms_norm)
+    body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); the baseline's is rms_norm's dtype
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
@@ -553,7 +553,7 @@ class ChunkMemory(nn.Module):
         if self.use_rope:
             q, k = apply_rotary(q, a.rope_base), apply_rotary(k, a.rope_base)
         q = q * self.q_gain.to(q.dtype)[:, None, None]
-        q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast runs rms_norm in fp32: the ops take one dtype
+        q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast: rms_norm fp32 from torch 2.12; the ops take one dtype
         dense = memory_is_dense(T, a.mem_chunk, a.mem_topk)  # flash attention beats the kernel there
         memory = chunk_memory_triton if self.triton and not dense else chunk_memory_ref
         y = memory(q, k, v, a.mem_chunk, a.mem_topk)

@@ -6,6 +6,7 @@ Runbook
                                                                  # memory work measured on a trained model's routing
   MEM_TOPK=8 python bench/cost_model.py --json                   # one JSON object (settings from the environment)
   BODY_DTYPE=fp32 python bench/cost_model.py                     # the prediction with an fp32 residual stream
+  python bench/cost_model.py --rms-norm-fp32                     # under torch >= 2.12's autocast (rms_norm fp32)
 
 This is a model, not a measurement: a GPU step time replaces it (bench/gpu_preflight.py). What it does:
   1. Work per token, per component, from one meta-device forward (nothing is computed):
@@ -28,7 +29,7 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
   3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
        matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
        + routing FLOPs / matmul rate + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
-  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, fp32 stream): its two measured steps, 43.54 ms
+  4. Calibration on the baseline (9 x 512, GQA 8/4, MLP 2x relu^2, bf16 stream): its two measured steps, 43.54 ms
      at seq 1024 and 51.9 ms at 2048, are solved for two unknowns, the attention rate and the byte rate, after
      matmuls at the assumed efficiency. The two lengths differ almost only in attention FLOPs per token, which fixes
      the attention rate. The byte rate absorbs torch.compile's fusion, which the eager byte count does not see, and
@@ -38,12 +39,14 @@ Assumptions that could be wrong, each a named constant below:
   * MATMUL_EFFICIENCY 0.6 of bf16 peak for K = 512 matmuls; a lower value moves time from bytes to matmuls.
   * The chunk memory kernel runs at FlashAttention's calibrated rate. It is younger code: likely slower.
   * Our model fuses as well as the baseline under torch.compile (one byte rate for both).
-  * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes). The baseline keeps a bf16 embedding,
-    fp32 matrices (cast to bf16 per matmul) and fp32 control tensors; the stand-in holds every parameter in bf16,
-    which leaves out those per-forward weight casts (a few MB per step). Its residual stream is fp32 either way:
-    CUDA autocast returns rms_norm in fp32, and its blocks cast their scales to x's dtype. Ours keeps fp32
-    parameters and casts the residual stream to train_gpt.body_dtype (BODY_DTYPE, bf16 by default; BODY_DTYPE=fp32
-    gives the earlier prediction).
+  * Bytes are counted at the dtypes CUDA autocast gives (CudaAutocastDtypes) in the torch the baseline was timed
+    on and the challenge image runs (2.9.1; 2.11 has the same rules): rms_norm keeps its input's dtype. Torch 2.12
+    put rms_norm on autocast's fp32 list (pytorch#174824); --rms-norm-fp32 predicts both rows under that rule, with
+    the same calibration. The baseline keeps a bf16 embedding, fp32 matrices (cast to bf16 per matmul) and fp32
+    control tensors cast to x's dtype; the stand-in holds every parameter in bf16, which leaves out those
+    per-forward weight casts (a few MB per step). So its residual stream is bf16 (fp32 from torch 2.12 on, where
+    rms_norm returns fp32). Ours keeps fp32 parameters and casts the residual stream to train_gpt.body_dtype
+    (BODY_DTYPE, bf16 by default; BODY_DTYPE=fp32 gives an fp32 stream).
   * All-reduces are charged in full (ring time over NVLINK_BYTES_S): the fp32 gradients and Muon's bf16 updates.
     Both trainers reduce gradients through DDP, in buckets that overlap the backward, so the charge treats them
     alike and overstates both; the exposed part needs a GPU to measure.
@@ -114,8 +117,9 @@ def cast_floats(tree, dtype: torch.dtype):
 
 
 class CudaAutocastDtypes(TorchFunctionMode):
-    """The dtypes CUDA bf16 autocast gives the trainer's activations: matmuls bf16; rms_norm, softmax, log-softmax,
-    cross-entropy, sum and pow/square fp32 (what tools/cuda_autocast.py reads from CUDA's autocast kernels)."""
+    """The dtypes CUDA bf16 autocast gives the trainer's activations: matmuls bf16; softmax, log-softmax,
+    cross-entropy, sum and pow/square fp32 (what tools/cuda_autocast.py reads from CUDA's autocast kernels of torch
+    2.9.1, 2.11 and 2.13). rms_norm, fp32 from torch 2.12 on, is forward_work's stand-in."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -127,7 +131,7 @@ class CudaAutocastDtypes(TorchFunctionMode):
 
 
 BF16_FUNCTIONS = {F.linear, torch.matmul, torch.Tensor.__matmul__, torch.einsum, torch.mm, torch.bmm}
-FP32_FUNCTIONS = {F.rms_norm, F.softmax, F.log_softmax, F.cross_entropy, torch.sum, torch.Tensor.sum, torch.pow,
+FP32_FUNCTIONS = {F.softmax, F.log_softmax, F.cross_entropy, torch.sum, torch.Tensor.sum, torch.pow,
                   torch.Tensor.pow, torch.square, torch.Tensor.square}
 
 
@@ -177,10 +181,11 @@ def partial_bytes(seq_len: int, chunk: int, topk: int, head_dim: int, elem: int)
     return pairs * per_pair + 2 * seq_len * slots * head_dim * 4
 
 
-def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_params: bool) -> Work:
-    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes and the trainer's body dtype on
-    CUDA; bf16_params: every parameter bf16 and no body cast, the baseline's stand-in (docstring, assumptions).
-    work_over_ideal None = the schedule's bound."""
+def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_params: bool,
+                 rms_norm_fp32: bool = False) -> Work:
+    """One meta forward with the kernels' stand-ins under CUDA autocast's dtypes (rms_norm_fp32: torch >= 2.12's)
+    and the trainer's body dtype on CUDA; bf16_params: every parameter bf16 and no body cast, the baseline's
+    stand-in (docstring, assumptions). work_over_ideal None = the schedule's bound."""
     T, counter, partial = seq_len, ByteCounter(), [0.0]
     args = replace(args, train_seq_len=T, eval_seq_len=0)
     flops = count_forward_flops(args, T)
@@ -199,6 +204,11 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
         return torch.empty_like(q)
 
+    def rms_norm(x):  # one pass, as CUDA's fused kernel and inductor run it (eager CPU decomposes it into 5 to 7)
+        y = torch.empty_like(x, dtype=torch.float32 if rms_norm_fp32 else x.dtype)
+        counter.add(x, y)
+        return y
+
     def gated_gather_conv(u, g, table, inverse, w):  # reads u and the gate, writes m (kept for backward) and y
         counter.add(*strided_copies(u, g), u, g, u, u)
         return torch.empty_like(u), torch.empty_like(u)
@@ -206,7 +216,9 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     model = train_gpt.ConvGPT(args)
     train_gpt.set_triton(model, True)
     model = model.to("meta", torch.bfloat16 if bf16_params else torch.float32)
-    if not bf16_params:  # the baseline casts nothing: CUDA autocast's rms_norm makes its residual stream fp32
+    if bf16_params:  # the baseline casts nothing: its stream has rms_norm's dtype, the bf16 embedding's before 2.12
+        model.body_dtype = torch.float32 if rms_norm_fp32 else torch.bfloat16
+    else:
         model.body_dtype = train_gpt.body_dtype(args, torch.device("cuda"))
     if model.bigram is not None:
         counter.label(model.bigram, "embed")
@@ -217,7 +229,8 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     tokens = torch.zeros((TOKENS_PER_STEP // GPUS // T, T), dtype=torch.long, device="meta")  # one GPU's micro-batch
     with mock.patch.object(train_gpt, "chunk_memory_triton", memory), \
             mock.patch.object(train_gpt, "chunk_memory_ref", memory), \
-            mock.patch.object(train_gpt, "gated_gather_conv", gated_gather_conv), counter, CudaAutocastDtypes():
+            mock.patch.object(train_gpt, "gated_gather_conv", gated_gather_conv), counter, CudaAutocastDtypes(), \
+            mock.patch.object(train_gpt, "rms_norm", rms_norm):
         model(tokens, tokens)
     per_token, n = flops.per_token, tokens.numel()
     matrices = [m.weight for m in train_gpt.block_matrices(model).values()]
@@ -307,9 +320,10 @@ def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, va
     return blocks[0] / blocks[1]
 
 
-def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: float | None, bf16_params: bool) -> dict:
+def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: float | None, bf16_params: bool,
+            rms_norm_fp32: bool = False) -> dict:
     args = Hyperparameters.from_env({**env, "TRAIN_SEQ_LEN": str(seq_len)})
-    work = forward_work(args, seq_len, work_over_ideal, bf16_params)
+    work = forward_work(args, seq_len, work_over_ideal, bf16_params, rms_norm_fp32)
     parts = step_ms(work, args, rates)
     ms = sum(parts.values())
     per_byte = 1e3 * TOKENS_PER_STEP / GPUS / rates.bytes_s
@@ -333,8 +347,8 @@ def report(cli: argparse.Namespace, env: dict[str, str]) -> dict:
     rates = calibrate()
     seq_lens = sorted({cli.seq_len, 1024, 2048})
     ratios = routing_ratios(cli, seq_lens) if cli.routing else {}
-    rows = {T: {"default": predict(env, T, rates, ratios.get(T), False),
-                "baseline": predict(BASELINE_ENV, T, rates, None, True)} for T in seq_lens}
+    rows = {T: {"default": predict(env, T, rates, ratios.get(T), False, cli.rms_norm_fp32),
+                "baseline": predict(BASELINE_ENV, T, rates, None, True, cli.rms_norm_fp32)} for T in seq_lens}
     return {"rates": rates, "ratios": ratios, "rows": rows}
 
 
@@ -352,7 +366,11 @@ def json_object(cli: argparse.Namespace, env: dict[str, str], result: dict) -> d
             "parts_ms": {name: r["parts_ms"] for name, r in row.items()},
             "steps_in_600s": {name: r["steps_in_600s"] for name, r in row.items()},
             "calibration": {"flash_flops_s": result["rates"].flash_flops_s, "bytes_s": result["rates"].bytes_s},
-            "body_dtype": args.body_dtype}
+            "body_dtype": args.body_dtype, "autocast_rules": autocast_rules(cli.rms_norm_fp32)}
+
+
+def autocast_rules(rms_norm_fp32: bool) -> str:
+    return "torch >= 2.12 (rms_norm fp32)" if rms_norm_fp32 else "torch < 2.12 (rms_norm keeps its dtype)"
 
 
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
@@ -363,6 +381,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     parser.add_argument("--routing-env", default="", help="the settings that artifact was trained with, KEY=VALUE ...")
     parser.add_argument("--routing-data", default=str(ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024"))
     parser.add_argument("--routing-tokens", type=int, default=131_072, help="val tokens routed (full windows)")
+    parser.add_argument("--rms-norm-fp32", action="store_true", help="both rows under torch >= 2.12's CUDA autocast, "
+                        "which returns rms_norm in fp32 (default: the challenge image's torch 2.9.1 and 2.11)")
     cli = parser.parse_args(argv)
     env = {k: v for k, v in (os.environ if environ is None else environ).items()
            if k.lower() in Hyperparameters.__dataclass_fields__}
@@ -378,7 +398,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     print(f"calibration: attention {rates.flash_flops_s / 1e12:.0f} TFLOP/s, bytes {rates.bytes_s / 1e12:.2f} TB/s "
           f"(eager-count bytes; matmuls at {MATMUL_EFFICIENCY:.0%} of {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s)")
     print(f"settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}; "
-          f"body {Hyperparameters.from_env(env).body_dtype} (fp32 parameters, CUDA autocast dtypes); memory work: "
+          f"body {Hyperparameters.from_env(env).body_dtype} (fp32 parameters, CUDA autocast dtypes of "
+          f"{autocast_rules(cli.rms_norm_fp32)}); memory work: "
           + (", ".join(f"{r:.2f}x ideal at {T}" for T, r in result["ratios"].items()) if result["ratios"]
              else "the schedule's bound (no --routing)"))
     for T, row in result["rows"].items():

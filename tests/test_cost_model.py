@@ -101,8 +101,11 @@ def test_bf16_body_cuts_float_activation_bytes_and_strided_inputs_cost_copies():
     a = Hyperparameters()
     assert a.body_dtype == "bf16"
     fp32, bf16 = (cost_model.forward_work(replace(a, body_dtype=b), 1024, 1.0, False) for b in ("fp32", "bf16"))
-    params = cost_model.forward_work(a, 1024, 1.0, True)  # the baseline's way: bf16 parameters, fp32 stream
-    assert bf16.bytes < params.bytes < fp32.bytes and bf16.matmul_flops == fp32.matmul_flops
+    assert bf16.bytes < fp32.bytes and bf16.matmul_flops == fp32.matmul_flops
+    # the baseline's way: bf16 parameters, the stream in rms_norm's dtype (bf16 before torch 2.12, fp32 from it)
+    params, params_fp32 = (cost_model.forward_work(a, 1024, 1.0, True, r) for r in (False, True))
+    assert params.bytes < params_fp32.bytes and params.matmul_flops == params_fp32.matmul_flops
+    assert params_fp32.bytes_by_part["block"] > 1.1 * params.bytes_by_part["block"]
     assert bf16.bytes_by_part["block"] < 0.9 * fp32.bytes_by_part["block"]  # residual adds and scales: 0.83x
     assert set(fp32.bytes_by_part) == {"embed", "conv", "memory", "mlp", "block", "other"}
     u = torch.empty(64, 1024, 2 * 512, device="meta").chunk(2, -1)[0]  # the model's u: rows strided, channels not
@@ -119,4 +122,9 @@ def test_json_object_holds_the_contract(capsys):
     assert out["ratio_to_baseline"] == pytest.approx(out["predicted_ms_per_step"]["default"] / 43.54)
     assert out["memory_work_over_ideal"]["default"] == pytest.approx(cost_model.schedule_bound_ratio(1024, 64, 4))
     assert out["memory_work_source"] == "bound: the schedule's worst case"
+    assert out["autocast_rules"] == cost_model.autocast_rules(False) and "< 2.12" in out["autocast_rules"]
+    assert cost_model.main(["--json", "--rms-norm-fp32"], {}) == 0  # same calibration, fp32 norms: both slower
+    later = json.loads(capsys.readouterr().out)
+    assert "2.12" in later["autocast_rules"] and later["calibration"] == out["calibration"]
+    assert all(later["predicted_ms_per_step"][k] > out["predicted_ms_per_step"][k] for k in ("default", "baseline"))
     assert cost_model.main(["--json"], {"MEM_TOPK": "x"}) == 2 and "MEM_TOPK='x'" in capsys.readouterr().err
