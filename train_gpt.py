@@ -38,6 +38,7 @@ from __future__ import annotations
 import copy
 import glob
 import hashlib
+import inspect
 import itertools
 import math
 import os
@@ -336,10 +337,13 @@ def sync_gradients(params: list[Tensor], world_size: int) -> None:
 
 def data_parallel(step_model: nn.Module, d: Dist) -> nn.Module:
     """With several ranks, DDP: gradients are averaged in buckets whose all-reduce overlaps the rest of the
-    backward (under torch.compile, DDPOptimizer splits the graph at the bucket boundaries, as in the baseline)."""
+    backward (under torch.compile, DDPOptimizer splits the graph at the bucket boundaries, as in the baseline).
+    The only buffers are the constant tap tables, so nothing is broadcast before each forward (as the baseline);
+    torch 2.13 renamed that switch forward_sync_buffers and warns on the old name."""
     if d.world_size == 1:
         return step_model
-    return DDP(step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{no_sync: False})
 
 
 def sync(device: torch.device) -> None:

@@ -23,10 +23,11 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(DEVICE.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1",
                                 reason="no CUDA device and TRITON_INTERPRET is off: the kernels cannot run")
 SMALL_BUCKET_BYTES = 100_000  # the test model holds 0.74 MB of fp32 gradients: several DDP buckets
+TORCH = tuple(int(part) for part in torch.__version__.split(".")[:2])  # 2.12.0.dev... counts as 2.12
 # functions the emulation may leave unprobed, because both autocasts give them the same dtype: indexing, which no
-# list casts, and SDPA, bf16 in both (torch 2.9.1 cannot run it on fake CUDA tensors)
-SAME_ON_CPU = {"__getitem__", "__setitem__", "scaled_dot_product_attention"}
-RMS_NORM_FP32 = torch.__version__ >= (2, 12)  # CUDA autocast's fp32 list has rms_norm from 2.12 on (pytorch#174824)
+# list casts, and before torch 2.11 SDPA, bf16 in both (torch 2.9.1 cannot run it on fake CUDA tensors)
+SAME_ON_CPU = {"__getitem__", "__setitem__"} | ({"scaled_dot_product_attention"} if TORCH < (2, 11) else set())
+RMS_NORM_FP32 = TORCH >= (2, 12)  # CUDA autocast's fp32 list has rms_norm from 2.12 on (pytorch#174824)
 
 
 def gpu_autocast():

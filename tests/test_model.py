@@ -181,6 +181,38 @@ def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
     assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["bigram.scale"] == "fp16"
 
 
+def test_a_ddp_step_all_reduces_once_in_the_last_micro_batch_and_broadcasts_no_buffers():
+    """DDP in a one-rank gloo group, driven as 2 ranks would (4 micro-batches): a comm hook records the
+    micro-batch each bucket's all-reduce runs in. Syncing in an earlier backward would repeat it."""
+    model = random_model({})
+    torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    try:
+        d = tg.Dist(0, 2, torch.device("cpu"))
+        step_model = tg.data_parallel(model, d)
+        batches, reduced_in = [], []
+
+        class Loader:
+            def next_batch(self):
+                batches.append(len(batches) + 1)
+                ids = torch.randint(0, model.args.vocab_size, (1, T + 1))
+                return ids[:, :-1], ids[:, 1:]
+
+        def hook(state, bucket):
+            reduced_in.append(len(batches))
+            future = torch.futures.Future()
+            future.set_result(bucket.buffer())
+            return future
+
+        step_model.register_comm_hook(None, hook)
+        optimizers = tg.build_optimizers(model, model.args, tg.zeropower_via_newtonschulz5)
+        tg.train_step(model, step_model, Loader(), optimizers, d, 0, 1.0)
+        assert d.grad_accum == 4 and len(batches) == 4
+        assert reduced_in and set(reduced_in) == {4}, reduced_in
+        assert not step_model.will_sync_module_buffers()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("env,params", [({}, (20_000_000, 24_000_000)), ({"PRESET": "sp8192"}, (20_000_000, 24_000_000))])
 def test_config_fits_the_cap_even_with_incompressible_weights(env, params, capsys):

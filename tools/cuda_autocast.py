@@ -1,8 +1,9 @@
 """CUDA autocast's dtype rules on a machine without a GPU.
 
 CPU and CUDA autocast keep different lists. Under CUDA autocast softmax, log_softmax, layer_norm, norm, sum, pow
-(so square), exp and log run and return fp32, and rms_norm too from torch 2.12 (pytorch#174824; 2.9.1 and 2.11
-keep its input's dtype), while CPU autocast leaves them in bf16; both run linear and matmul in bf16. A model that is dtype-clean under CPU autocast can still hand a custom op mixed dtypes on a GPU.
+(so square), exp and log run and return fp32, and rms_norm too from torch 2.12 (pytorch#174824; 2.9.1 and 2.11 keep
+its input's dtype), while CPU autocast leaves them in bf16; both run linear and matmul in bf16. A model that is
+dtype-clean under CPU autocast can still hand a custom op mixed dtypes on a GPU.
 
 Both tools below take CUDA's rules from CUDA's own autocast kernels, not from a copied list: a CPU-only build of
 torch still registers them, and they run on fake CUDA tensors (shapes and dtypes, no data, no GPU).
