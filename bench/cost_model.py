@@ -1,7 +1,11 @@
 """Cost model: predicted 8xH100 ms per training step for any configuration, next to the attention baseline's.
 
+Three columns: default (the settings from the environment), attention (the same settings with dense causal
+attention as every block's mixer: what the conv and memory mixers buy at equal shape) and baseline (the naive
+attention baseline the calibration is solved on: MLP 2x relu^2, no BigramHash or SmearGate, bf16 parameters).
+
 Runbook
-  python bench/cost_model.py                                     # default vs baseline at seq 1024 and 2048
+  python bench/cost_model.py                                     # the three columns at seq 1024 and 2048
   python bench/cost_model.py --routing proxy.ptz --routing-env "NUM_LAYERS=5 MODEL_DIM=128 NUM_HEADS=2 NUM_KV_HEADS=1"
                                                                  # memory work measured on a trained model's routing
   MEM_TOPK=8 python bench/cost_model.py --json                   # one JSON object (settings from the environment)
@@ -83,8 +87,9 @@ MATMUL_EFFICIENCY = 0.6  # assumed share of bf16 peak for [65536 x 512] @ [512 x
 BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHALLENGE.md, issue 12)
 GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
 TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 3.5, "bytes": 3.0}  # training work / forward work
-BASELINE_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all", "MLP_MULT": "2", "MLP_ACT": "relu2",
-                "BIGRAM_BUCKETS": "0", "SMEAR_GATE": "0"}  # every block attention: the baseline's transformer
+ATTENTION_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all"}  # every mixer dense causal attention
+BASELINE_ENV = {**ATTENTION_ENV, "MLP_MULT": "2", "MLP_ACT": "relu2", "BIGRAM_BUCKETS": "0",
+                "SMEAR_GATE": "0"}  # the baseline's transformer
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 
 
@@ -348,6 +353,7 @@ def report(cli: argparse.Namespace, env: dict[str, str]) -> dict:
     seq_lens = sorted({cli.seq_len, 1024, 2048})
     ratios = routing_ratios(cli, seq_lens) if cli.routing else {}
     rows = {T: {"default": predict(env, T, rates, ratios.get(T), False, cli.rms_norm_fp32),
+                "attention": predict({**env, **ATTENTION_ENV}, T, rates, None, False, cli.rms_norm_fp32),
                 "baseline": predict(BASELINE_ENV, T, rates, None, True, cli.rms_norm_fp32)} for T in seq_lens}
     return {"rates": rates, "ratios": ratios, "rows": rows}
 
@@ -360,6 +366,7 @@ def json_object(cli: argparse.Namespace, env: dict[str, str], result: dict) -> d
     return {"seq_len": T, "settings": env,
             "predicted_ms_per_step": {name: r["ms_per_step"] for name, r in row.items()},
             "ratio_to_baseline": row["default"]["ms_per_step"] / row["baseline"]["ms_per_step"],
+            "ratio_to_attention": row["default"]["ms_per_step"] / row["attention"]["ms_per_step"],
             "memory_work_over_ideal": {"default": ratio},
             "memory_work_source": None if not sparse else f"routing of {cli.routing}" if cli.routing
             else "bound: the schedule's worst case",
@@ -412,7 +419,8 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
         print(f"  {'total':16}" + "".join(f"{r['ms_per_step']:12.2f}" for r in row.values()))
         print(f"  {'steps in 600 s':16}" + "".join(f"{r['steps_in_600s']:12,}" for r in row.values()))
         print(f"  {'tokens seen':16}" + "".join(f"{r['tokens_seen'] / 1e9:11.2f}B" for r in row.values()))
-        print(f"  default / baseline: {row['default']['ms_per_step'] / row['baseline']['ms_per_step']:.3f}")
+        print(f"  default / baseline: {row['default']['ms_per_step'] / row['baseline']['ms_per_step']:.3f}; "
+              f"default / attention: {row['default']['ms_per_step'] / row['attention']['ms_per_step']:.3f}")
     return 0
 
 
