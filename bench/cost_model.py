@@ -21,15 +21,16 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
        memory_work_over_ideal x (top-k + 1) blocks per 64 queries, taken from the kernel's own schedule
        (convgpt_ops.memory_schedule) on routing from a trained model (--routing). Without one it is the schedule's bound:
        at most one partly filled tile per picked key chunk (schedule_bound_ratio);
-     * bytes: every non-matmul aten op's inputs plus outputs (views and factories move nothing), as eager PyTorch
-       would move them. The custom ops count what their kernels read and write, plus the .contiguous() copies
-       that their wrappers make of strided inputs. The chunk memory's per-pair traffic is counted apart, for the
-       whole step (partial_bytes): each (query, chunk) pair's gathered q row (and q and dO in the backward), its
-       partial output (q's dtype) and lse written and merged, its dQ share (fp32) written; every dQ slot zeroed and
-       summed.
+     * bytes: every non-matmul aten op's inputs plus outputs (views, aliases such as matmul outputs' _unsafe_view,
+       and factories move nothing), as eager PyTorch would move them. The custom ops count what their kernels read
+       and write, plus the .contiguous() copies that their wrappers make of strided inputs. The chunk memory's
+       per-pair traffic is counted apart, for the whole step (partial_bytes): each (query, chunk) pair's gathered q
+       row (and q and dO in the backward), its partial output (q's dtype) and lse written and merged, its dQ share
+       (fp32) written; every dQ slot zeroed and summed.
   2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention and the
      chunk memory 3.5x (2 forward + 5 backward matmul passes, over 2: the memory's one backward kernel recomputes
-     S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients).
+     S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients),
+     except the routing's, 1x (FORWARD_ONLY_PARTS).
   3. Time per step on one GPU of 8 (65,536 tokens each at 524,288 per step):
        matmul FLOPs / (peak x MATMUL_EFFICIENCY) + attention FLOPs / attention rate + bytes / byte rate
        + routing FLOPs / matmul rate + Muon (each rank orthogonalises 1/8 of the matrices) + the two all-reduces.
@@ -55,7 +56,9 @@ Assumptions that could be wrong, each a named constant below:
     Both trainers reduce gradients through DDP, in buckets that overlap the backward, so the charge treats them
     alike and overstates both; the exposed part needs a GPU to measure.
   * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
-    gradient. Its bytes, and the schedule's, get the 3x training factor like everything else (a small overcount).
+    gradient. Its bytes and the schedule's (the "routing" part: means, scores, top-k, sorts, searches) are counted
+    once, with no backward; eager, they are 40% of a memory layer's forward bytes. Under torch.compile, the pointwise
+    ones fuse but top-k, sort and searchsorted stay kernels of their own, so the byte rate may flatter them.
 """
 
 from __future__ import annotations
@@ -87,10 +90,12 @@ MATMUL_EFFICIENCY = 0.6  # assumed share of bf16 peak for [65536 x 512] @ [512 x
 BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHALLENGE.md, issue 12)
 GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
 TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 3.5, "bytes": 3.0}  # training work / forward work
+FORWARD_ONLY_PARTS = {"routing"}  # bytes of work done without gradient: no backward, counted once
 ATTENTION_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all"}  # every mixer dense causal attention
 BASELINE_ENV = {**ATTENTION_ENV, "MLP_MULT": "2", "MLP_ACT": "relu2", "BIGRAM_BUCKETS": "0",
                 "SMEAR_GATE": "0"}  # the baseline's transformer
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
+ALIASING_OPS = {"_unsafe_view"}  # returns an alias (matmul and reshape outputs) without being marked a view
 
 
 class ByteCounter(TorchDispatchMode):
@@ -112,7 +117,7 @@ class ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in MATMUL_OPS and not name.startswith(("empty", "zeros", "full")):
+        if not func.is_view and name not in MATMUL_OPS | ALIASING_OPS and not name.startswith(("empty", "zeros", "full")):
             self.add(*(t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)))
         return out
 
@@ -148,14 +153,24 @@ class Work:
     memory_flops: float  # what the chunk memory kernel executes
     route_flops: float
     partial_bytes: float  # the chunk memory's partial results, per token, for the whole training step
-    bytes_by_part: dict[str, float]  # moved by non-matmul ops in the forward, per token: embed, conv, memory, mlp,
-    # block (norms, residual and branch scales), other (embedding, SmearGate, final norm, softcap, loss)
+    bytes_by_part: dict[str, float]  # moved by non-matmul ops in the forward, per token: embed, conv, memory,
+    # routing (the memory's, no gradient), mlp, block (norms, residual and branch scales), other (embedding,
+    # SmearGate, final norm, softcap, loss)
     matrix_params: int
     params: int
 
     @property
     def bytes(self) -> float:
         return sum(self.bytes_by_part.values())
+
+    @property
+    def train_bytes(self) -> float:
+        """Bytes per token of the training step, by part times its training factor (partial_bytes excluded)."""
+        return sum(train_factor(part) * n for part, n in self.bytes_by_part.items())
+
+
+def train_factor(part: str) -> float:
+    return 1.0 if part in FORWARD_ONLY_PARTS else TRAIN_X["bytes"]
 
 
 def strided_copies(*tensors: torch.Tensor) -> list[torch.Tensor]:
@@ -202,8 +217,10 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         if memory_is_dense(T, chunk, topk):
             attn["flash"] += flops_per_key * memory_keys(T, chunk, topk)
             return torch.empty_like(q)
+        counter.labels.append("routing")
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
             memory_schedule(chunk_picks(q, k, chunk, topk), chunk)
+        counter.labels.pop()
         partial[0] += q.shape[0] * q.shape[1] * partial_bytes(T, chunk, topk, q.shape[3], q.element_size())
         ratio = work_over_ideal if work_over_ideal is not None else schedule_bound_ratio(T, chunk, topk)
         attn["memory"] += flops_per_key * chunk * chunk * ideal_blocks(T, chunk, topk) * ratio
@@ -271,7 +288,7 @@ def step_ms(work: Work, args: Hyperparameters, rates: Rates) -> dict[str, float]
         "attention": 1e3 * tokens * (TRAIN_X["flash"] * work.flash_flops + TRAIN_X["memory"] * work.memory_flops)
         / rates.flash_flops_s,
         "routing": 1e3 * tokens * work.route_flops / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),  # no_grad: no backward
-        "bytes": 1e3 * tokens * (TRAIN_X["bytes"] * work.bytes + work.partial_bytes) / rates.bytes_s,
+        "bytes": 1e3 * tokens * (work.train_bytes + work.partial_bytes) / rates.bytes_s,
         "optimizer": 1e3 * muon_flops(args) / (H100_BF16_FLOPS * MATMUL_EFFICIENCY),
         "all_reduce": 1e3 * ring * (4 * work.params + 2 * work.matrix_params),
     }
@@ -285,7 +302,7 @@ def calibrate() -> Rates:
     for T in (1024, 2048):
         work = forward_work(args, T, None, bf16_params=True)
         parts = step_ms(work, args, Rates(float("inf"), float("inf")))
-        rows.append([tokens * TRAIN_X["flash"] * work.flash_flops, tokens * TRAIN_X["bytes"] * work.bytes])
+        rows.append([tokens * TRAIN_X["flash"] * work.flash_flops, tokens * work.train_bytes])
         rhs.append(1e-3 * (BASELINE_MS[T] - sum(parts.values())))
     inv_flash, inv_bytes = torch.linalg.solve(torch.tensor(rows, dtype=torch.float64), torch.tensor(rhs, dtype=torch.float64)).tolist()
     if inv_flash <= 0 or inv_bytes <= 0:
@@ -332,7 +349,7 @@ def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: fl
     parts = step_ms(work, args, rates)
     ms = sum(parts.values())
     per_byte = 1e3 * TOKENS_PER_STEP / GPUS / rates.bytes_s
-    bytes_ms = {k: per_byte * TRAIN_X["bytes"] * v for k, v in work.bytes_by_part.items()}
+    bytes_ms = {k: per_byte * train_factor(k) * v for k, v in work.bytes_by_part.items()}
     bytes_ms["partial"] = per_byte * work.partial_bytes  # the chunk memory's partial results
     return {"ms_per_step": ms, "parts_ms": parts, "bytes_ms": bytes_ms, "steps_in_600s": int(TIME_BUDGET_S * 1e3 / ms),
             "tokens_seen": int(TIME_BUDGET_S * 1e3 / ms) * TOKENS_PER_STEP,

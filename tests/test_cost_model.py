@@ -93,8 +93,23 @@ def test_memory_work_scales_attention_and_partials_cost_bytes(rates):
     assert ideal.partial_bytes == pytest.approx(a.num_heads * want * (a.num_layers // a.mem_every) / 1024)
     assert cost_model.partial_bytes(100, 16, 2, 16, 4) > 0  # a partial last chunk (100 = 6 x 16 + 4)
     dense = cost_model.forward_work(replace(a, mem_topk=10 ** 6), 1024, None, False)
-    assert dense.partial_bytes == 0 and dense.memory_flops == 0
+    assert dense.partial_bytes == 0 and dense.memory_flops == 0 and "routing" not in dense.bytes_by_part
+    routed = ideal.bytes_by_part["routing"]  # no gradient: counted once, every other part 3x
+    assert routed > 0 and ideal.train_bytes == pytest.approx(3 * ideal.bytes - 2 * routed)
+    ms = cost_model.predict({}, 1024, rates, 1.0, False)
+    assert ms["bytes_ms"]["routing"] == pytest.approx(ms["bytes_ms"]["memory"] / 3 * routed / ideal.bytes_by_part["memory"])
     assert cost_model.predict({}, 1024, rates, 1.0, False)["ms_per_step"] < cost_model.predict({}, 1024, rates, None, False)["ms_per_step"]
+
+
+def test_matmuls_and_aliases_move_no_bytes_but_copies_do():
+    x, w = torch.empty(4, 8, 16, device="meta"), torch.empty(32, 16, device="meta")
+    counter = cost_model.ByteCounter()
+    with counter:
+        torch.nn.functional.linear(x, w)  # mm on a view, then _unsafe_view of the output: an alias, not a copy
+    assert counter.by_part == {}
+    with counter:
+        x.mT.reshape(4, -1)  # not viewable: one clone (read and write), then the alias
+    assert counter.by_part == {"other": 2 * x.numel() * x.element_size()}
 
 
 def test_bf16_body_cuts_float_activation_bytes_and_strided_inputs_cost_copies():
@@ -107,7 +122,7 @@ def test_bf16_body_cuts_float_activation_bytes_and_strided_inputs_cost_copies():
     assert params.bytes < params_fp32.bytes and params.matmul_flops == params_fp32.matmul_flops
     assert params_fp32.bytes_by_part["block"] > 1.1 * params.bytes_by_part["block"]
     assert bf16.bytes_by_part["block"] < 0.9 * fp32.bytes_by_part["block"]  # residual adds and scales: 0.83x
-    assert set(fp32.bytes_by_part) == {"embed", "conv", "memory", "mlp", "block", "other"}
+    assert set(fp32.bytes_by_part) == {"embed", "conv", "memory", "routing", "mlp", "block", "other"}
     u = torch.empty(64, 1024, 2 * 512, device="meta").chunk(2, -1)[0]  # the model's u: rows strided, channels not
     assert cost_model.strided_copies(u, u.contiguous()) == []
     ut = u.mT  # channels strided: copied, read once and written once
