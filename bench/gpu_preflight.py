@@ -18,7 +18,8 @@ Stages, in this order; each runs in its own subprocess under a time limit, and a
   train:<cfg>  train_gpt.py for --train-seconds at the golf shapes (d 512, 9 layers, seq 1024, 524,288 tokens per
                step by accumulation, compiled with fullgraph=True): default, dense (MEM_EVERY=1, all chunks:
                attention at equal parameters), then conv1d_only after the bench; ms/step, tokens/s, peak memory,
-               compile (warm-up) time, val_bpb, artifact bytes
+               compile (warm-up) time, val_bpb, artifact bytes; and default / dense ms/step, the measured
+               counterpart of bench/cost_model.py's ratio_to_attention
   bench        bench/bench_ops.py --no-steps: the kernels against their references and dense SDPA
   aot          bench/kernel_resources.py: registers, spills, shared memory of each kernel for sm_90
 --budget caps the whole run: a stage is skipped when less than its minimum is left, and one that the budget
@@ -196,6 +197,7 @@ def render(stages: list[Stage], cli: argparse.Namespace, command: str, started: 
                   "ms/step is one optimizer step of the whole batch on this one device (8 micro-batches by "
                   "accumulation); on 8 GPUs each runs one micro-batch, so a step takes about ms/step / 8 plus the "
                   "gradient all-reduce. compile s is the warm-up (compiles), excluded from training time.", ""]
+        lines += mixer_ratio({s.name[6:]: s.facts for s in runs})
     for name, title in (("parity", "Parity tests on the device"), ("bench", "Kernel benchmark (bench/bench_ops.py)"),
                         ("aot", "Kernel resources for sm_90 (bench/kernel_resources.py)")):
         stage = next((s for s in stages if s.name == name), None)
@@ -203,6 +205,17 @@ def render(stages: list[Stage], cli: argparse.Namespace, command: str, started: 
             tail = stage.output.strip().splitlines()[-60:]
             lines += [f"## {title}", "", "```text", *tail, "```", ""]
     return "\n".join(lines)
+
+
+def mixer_ratio(facts: dict[str, dict[str, str]]) -> list[str]:
+    """The measured default / dense step time: what the conv and memory mixers buy against dense attention at the
+    default's shape, the number bench/cost_model.py predicts as ratio_to_attention (issue 12)."""
+    if "ms/step" not in facts.get("default", {}) or "ms/step" not in facts.get("dense", {}):
+        return []
+    ratio = float(facts["default"]["ms/step"]) / float(facts["dense"]["ms/step"])
+    return [f"default / dense ms/step: **{ratio:.3f}** measured here (dense: every mixer dense causal attention, "
+            "the same shape). `python bench/cost_model.py --json` predicts it for 8xH100 as `ratio_to_attention`; "
+            "this one-GPU step has no all-reduce, which both would pay about equally.", ""]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

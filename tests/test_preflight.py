@@ -43,7 +43,9 @@ def test_report_lists_failures_first_then_environment_stages_and_runs(tmp_path):
     assert text.startswith("# GPU preflight (dry run): 1 x NVIDIA H200")
     assert text.index("## What failed") < text.index("1. **train:dense**: error: the Triton kernels") < text.index("## Environment")
     assert "Not run to the end: aot skipped (10 s of the budget left" in text and "| torch | 2.11.0 |" in text
-    assert "| default | 300.0 | 1,747,626 |" in text
+    assert "| default | 300.0 | 1,747,626 |" in text and "default / dense" not in text  # dense has no step time
+    stages[2] = stage("train:dense", "ok", **{"ms/step": "400.0", "tokens/s": "1,310,720"})
+    assert "default / dense ms/step: **0.750** measured here" in pf.render(stages, cli, "x", "2026-12-01T00:00:00")
 
 
 @pytest.mark.parametrize("args,needle", [(["--skip", "tests"], "unknown stage(s) in --skip: tests"),
