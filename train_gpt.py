@@ -342,8 +342,9 @@ def data_parallel(step_model: nn.Module, d: Dist) -> nn.Module:
     torch 2.13 renamed that switch forward_sync_buffers and warns on the old name."""
     if d.world_size == 1:
         return step_model
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
-    return DDP(step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{no_sync: False})
+    buffers = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(step_model, device_ids=[d.device.index] if d.device.type == "cuda" else None, **{buffers: False})
 
 
 def sync(device: torch.device) -> None:

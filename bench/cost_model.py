@@ -58,7 +58,8 @@ Assumptions that could be wrong, each a named constant below:
   * Routing (q @ mean keys, bf16 under autocast) runs at the matmul rate, forward only: it is computed without
     gradient. Its bytes and the schedule's (the "routing" part: means, scores, top-k, sorts, searches) are counted
     once, with no backward; eager, they are 40% of a memory layer's forward bytes. Under torch.compile, the pointwise
-    ones fuse but top-k, sort and searchsorted stay kernels of their own, so the byte rate may flatter them.
+    ones fuse but top-k, sort and searchsorted stay kernels of their own, so the byte rate may flatter them; and
+    the compiler may recompute some of the schedule in the backward instead of saving it.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ ATTENTION_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all"}  # 
 BASELINE_ENV = {**ATTENTION_ENV, "MLP_MULT": "2", "MLP_ACT": "relu2", "BIGRAM_BUCKETS": "0",
                 "SMEAR_GATE": "0"}  # the baseline's transformer
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
-ALIASING_OPS = {"_unsafe_view"}  # returns an alias (matmul and reshape outputs) without being marked a view
+NO_TRAFFIC_OPS = MATMUL_OPS | {"_unsafe_view"}  # matmuls (counted as FLOPs); an alias not marked a view
 
 
 class ByteCounter(TorchDispatchMode):
@@ -117,7 +118,7 @@ class ByteCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
-        if not func.is_view and name not in MATMUL_OPS | ALIASING_OPS and not name.startswith(("empty", "zeros", "full")):
+        if not func.is_view and name not in NO_TRAFFIC_OPS and not name.startswith(("empty", "zeros", "full")):
             self.add(*(t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)))
         return out
 

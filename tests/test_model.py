@@ -181,7 +181,7 @@ def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
     assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["bigram.scale"] == "fp16"
 
 
-def test_a_ddp_step_all_reduces_once_in_the_last_micro_batch_and_broadcasts_no_buffers():
+def test_a_ddp_step_all_reduces_only_in_the_last_micro_batch_and_syncs_no_buffers():
     """DDP in a one-rank gloo group, driven as 2 ranks would (4 micro-batches): a comm hook records the
     micro-batch each bucket's all-reduce runs in. Syncing in an earlier backward would repeat it."""
     model = random_model({})
