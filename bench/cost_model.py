@@ -81,6 +81,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
+from bench.ablate import CONFIGS  # noqa: E402
 from bench.flops import count_forward_flops, memory_keys  # noqa: E402
 from convgpt_ops import chunk_memory_ref, chunk_picks, memory_is_dense, memory_schedule  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402
@@ -92,8 +93,8 @@ BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHA
 GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
 TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 3.5, "bytes": 3.0}  # training work / forward work
 FORWARD_ONLY_PARTS = {"routing"}  # bytes of work done without gradient: no backward, counted once
-ATTENTION_ENV = {"MEM_EVERY": "1", "MEM_TOPK": "1000000", "MEM_ROPE": "all"}  # every mixer dense causal attention
-BASELINE_ENV = {**ATTENTION_ENV, "MLP_MULT": "2", "MLP_ACT": "relu2", "BIGRAM_BUCKETS": "0",
+ATTENTION_ENV = CONFIGS["dense"]  # every mixer dense causal attention: the ablation's and the preflight's dense
+BASELINE_ENV = {**ATTENTION_ENV, "MEM_ROPE": "all", "MLP_MULT": "2", "MLP_ACT": "relu2", "BIGRAM_BUCKETS": "0",
                 "SMEAR_GATE": "0"}  # the baseline's transformer
 MATMUL_OPS = {"mm", "addmm", "bmm", "baddbmm"}
 NO_TRAFFIC_OPS = MATMUL_OPS | {"_unsafe_view"}  # matmuls (counted as FLOPs); an alias not marked a view
