@@ -26,9 +26,10 @@ The chunk memory's schedule is key-chunk-major, as MoBA's: a query reads at most
 and its own), so key chunk j's list holds its own chunk's queries and the later ones that picked it. A forward
 program takes j and one tile of `chunk` listed queries and writes each one's partial result for j (normalised
 output and lse) into that query's slot; a merge kernel combines a query's slots by log-sum-exp. The backward runs
-one program per key chunk over all of its tiles: dK and dV accumulate there, each query's dQ share goes to its slot,
-and the slots are summed. The work is the listed (query, chunk) pairs rounded up to whole tiles, about topk + 1
-blocks per 64 queries, not the union of what 64 neighbouring queries picked (bench/cost_model.py counts it).
+one program per key chunk and kv head over all of its tiles, in every query head of the GQA group: dK and dV
+accumulate there, each query's dQ share goes to its slot, and the slots are summed. The work is the listed (query,
+chunk) pairs rounded up to whole tiles, about topk + 1 blocks per 64 queries, not the union of what 64 neighbouring
+queries picked (bench/cost_model.py counts it).
 
 Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
   * Causality: output t depends only on inputs <= t, for every op and both paths, at every position.
@@ -521,44 +522,72 @@ def _merge_kernel(PART_O, PART_LSE, USED, O, LSE, n_rows, S, T, H, so_b, so_h, s
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scale, qk_scale, T, NT, S, H, HKV, G,
-                sq_b, sq_h, sq_t, skv_b, skv_h, skv_t, sdo_b, sdo_h, sdo_t, BLOCK: tl.constexpr, D: tl.constexpr,
-                DT: tl.constexpr, PREC: tl.constexpr):
-    """Key chunk j of one query head over every tile of the queries that read it: dK and dV accumulate here; each
-    query's dQ share from j goes to its slot (summed after: deterministic, no atomics)."""
-    bh, j = tl.program_id(0), tl.program_id(1)
-    b, h = (bh // H).to(tl.int64), bh % H
-    kv_base, pair_base = b * skv_b + (h // G) * skv_h, bh.to(tl.int64) * T * S
+def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scale, qk_scale, T, NT, S, H, HKV,
+                sq_b, sq_h, sq_t, skv_b, skv_h, skv_t, sdo_b, sdo_h, sdo_t, G: tl.constexpr, BLOCK: tl.constexpr,
+                D: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Key chunk j of one kv head over every tile of the queries that read it, in each of its G query heads: dK and
+    dV accumulate here in fp32 and are stored once, in k's dtype; each query's dQ share from j goes to its slot
+    (summed after by _sum_slots_kernel: deterministic, no atomics)."""
+    bkv, j = tl.program_id(0), tl.program_id(1)
+    b, kvh = (bkv // HKV).to(tl.int64), bkv % HKV
     cols, ar, d = j * BLOCK + tl.arange(0, BLOCK), tl.arange(0, BLOCK), tl.arange(0, D)
     col_ok = cols < T
-    kv_off = kv_base + cols.to(tl.int64)[:, None] * skv_t + d[None, :]
+    kv_off = b * skv_b + kvh * skv_h + cols.to(tl.int64)[:, None] * skv_t + d[None, :]
     k = tl.load(K + kv_off, mask=col_ok[:, None], other=0.0).to(DT)
     v = tl.load(V + kv_off, mask=col_ok[:, None], other=0.0).to(DT)
     dk = tl.zeros((BLOCK, D), tl.float32)
     dv = tl.zeros((BLOCK, D), tl.float32)
-    start = tl.load(STARTS + bh * (NT + 1) + j)
-    count = tl.load(STARTS + bh * (NT + 1) + j + 1) - start
-    for first in range(0, count, BLOCK):
-        e = first + ar
-        ok = e < count
-        pair = tl.load(PAIRS + pair_base + start + e, mask=ok, other=0)
-        rows = pair // S
-        q = tl.load(Q + b * sq_b + h * sq_h + rows.to(tl.int64)[:, None] * sq_t + d[None, :], mask=ok[:, None],
-                    other=0.0).to(DT)
-        do = tl.load(DO + b * sdo_b + h * sdo_h + rows.to(tl.int64)[:, None] * sdo_t + d[None, :], mask=ok[:, None],
-                     other=0.0).to(DT)
-        lse2 = tl.load(LSE + bh.to(tl.int64) * T + rows, mask=ok, other=0.0) * TL_LOG2E
-        delta = tl.load(DELTA + bh.to(tl.int64) * T + rows, mask=ok, other=0.0)
-        st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [keys, queries]
-        pt = tl.where((cols[:, None] <= rows[None, :]) & ok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
-        dv += tl.dot(pt.to(Q.dtype.element_ty).to(DT), do, input_precision=PREC)
-        dst = (pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])).to(Q.dtype.element_ty).to(DT)
-        dk += tl.dot(dst, q, input_precision=PREC)
-        dq = tl.dot(tl.trans(dst), k, input_precision=PREC) * sm_scale
-        tl.store(PART_DQ + (pair_base + pair)[:, None] * D + d[None, :], dq, mask=ok[:, None])
-    out_off = bh.to(tl.int64) * T * D + cols[:, None] * D + d[None, :]
-    tl.store(DK + out_off, dk * sm_scale, mask=col_ok[:, None])
-    tl.store(DV + out_off, dv, mask=col_ok[:, None])
+    for g in tl.static_range(G):
+        h = kvh * G + g
+        bh = b * H + h
+        q_ptr, do_ptr = Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h
+        pairs_ptr, part_ptr = PAIRS + bh * T * S, PART_DQ + bh * T * S * D
+        lse_ptr, delta_ptr = LSE + bh * T, DELTA + bh * T
+        start = tl.load(STARTS + bh * (NT + 1) + j)
+        count = tl.load(STARTS + bh * (NT + 1) + j + 1) - start
+        pairs_ptr += start
+        for first in range(0, count, BLOCK):
+            e = first + ar
+            ok = e < count
+            pair = tl.load(pairs_ptr + e, mask=ok, other=0)
+            rows = pair // S
+            q = tl.load(q_ptr + rows.to(tl.int64)[:, None] * sq_t + d[None, :], mask=ok[:, None], other=0.0).to(DT)
+            do = tl.load(do_ptr + rows.to(tl.int64)[:, None] * sdo_t + d[None, :], mask=ok[:, None], other=0.0).to(DT)
+            lse2 = tl.load(lse_ptr + rows, mask=ok, other=0.0) * TL_LOG2E
+            delta = tl.load(delta_ptr + rows, mask=ok, other=0.0)
+            st = tl.dot(k, tl.trans(q), input_precision=PREC) * qk_scale  # [keys, queries]
+            pt = tl.where((cols[:, None] <= rows[None, :]) & ok[None, :], tl.exp2(st - lse2[None, :]), 0.0)
+            dv += tl.dot(pt.to(Q.dtype.element_ty).to(DT), do, input_precision=PREC)
+            dst = (pt * (tl.dot(v, tl.trans(do), input_precision=PREC) - delta[None, :])).to(Q.dtype.element_ty).to(DT)
+            dk += tl.dot(dst, q, input_precision=PREC)
+            dq = tl.dot(tl.trans(dst), k, input_precision=PREC) * sm_scale
+            tl.store(part_ptr + pair.to(tl.int64)[:, None] * D + d[None, :], dq, mask=ok[:, None])
+    out_off = bkv.to(tl.int64) * T * D + cols[:, None] * D + d[None, :]
+    tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=col_ok[:, None])
+    tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=col_ok[:, None])
+
+
+@triton.jit
+def _sum_slots_kernel(X, USED, Y, n_rows, S, BLOCK_R: tl.constexpr, D: tl.constexpr):
+    """Y[r] = the fp32 sum of X[r, s] over the slots s < USED[r], stored in Y's dtype; X [n_rows, S, D] fp32 and Y
+    [n_rows, D] contiguous. A row's slots from USED[r] on are never read, so they need no zeros."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ok, d = r < n_rows, tl.arange(0, D)
+    used = tl.load(USED + r, mask=ok, other=0)
+    r64 = r.to(tl.int64)
+    acc = tl.zeros((BLOCK_R, D), tl.float32)
+    for s in range(S):
+        acc += tl.load(X + (r64 * S + s)[:, None] * D + d[None, :], mask=(s < used)[:, None], other=0.0)
+    tl.store(Y + r64[:, None] * D + d[None, :], acc.to(Y.dtype.element_ty), mask=ok[:, None])
+
+
+def launch_sum_slots(x: Tensor, used: Tensor, out: Tensor) -> Tensor:
+    """out [..., D] = x [..., S, D] (fp32) summed over each row's first `used` slots (used [...] int32); all three
+    contiguous. See _sum_slots_kernel."""
+    n_rows, slots, D = used.numel(), x.shape[-2], x.shape[-1]
+    _sum_slots_kernel[(triton.cdiv(n_rows, MERGE_BLOCK_ROWS),)](x, used, out, n_rows, slots, BLOCK_R=MERGE_BLOCK_ROWS,
+                                                               D=D, num_warps=4)
+    return out
 
 
 def memory_strides(*xs: Tensor) -> tuple[int, ...]:
@@ -585,20 +614,18 @@ def launch_memory_forward(q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts
 
 
 def launch_memory_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor,
-                           lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(dq, dk, dv), contiguous, of the chunk memory; inputs as launch_memory_forward's, grad_out in q's dtype with
-    contiguous D, lse and delta fp32 contiguous."""
+                           used: Tensor, lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+    """(dq, dk, dv), contiguous, each in its input's dtype, of the chunk memory; inputs as launch_memory_forward's,
+    grad_out in q's dtype with contiguous D, lse and delta fp32 contiguous. One program per (kv head, key chunk)
+    sums dK and dV over the GQA group in registers; the fp32 dQ slots are summed by one more pass."""
     (B, H, T, D), hkv = q.shape, k.shape[1]
-    slots = pairs.shape[-1] // T
-    nt, sm_scale = triton.cdiv(T, chunk), 1.0 / math.sqrt(D)
-    part_dq = torch.zeros(B, H, T, slots, D, dtype=torch.float32, device=q.device)  # a query's unused slots add 0
-    dk = torch.empty(B, H, T, D, dtype=torch.float32, device=q.device)
-    dv = torch.empty_like(dk)
-    _bwd_kernel[(B * H, nt)](q, k, v, grad_out, lse, delta, pairs, starts, part_dq, dk, dv, sm_scale, sm_scale * LOG2E,
-                             T, nt, slots, H, hkv, H // hkv, *memory_strides(q, k, grad_out), D=D,
-                             **_launch_opts(chunk, q.dtype))
-    group = (B, hkv, H // hkv, T, D)
-    return part_dq.sum(3).to(q.dtype), dk.view(group).sum(2).to(k.dtype), dv.view(group).sum(2).to(v.dtype)
+    slots, nt, dev = pairs.shape[-1] // T, triton.cdiv(T, chunk), q.device
+    part_dq = torch.empty(B, H, T, slots, D, dtype=torch.float32, device=dev)  # a query's slots >= used: never read
+    dk, dv = (torch.empty(B, hkv, T, D, dtype=x.dtype, device=dev) for x in (k, v))
+    _bwd_kernel[(B * hkv, nt)](q, k, v, grad_out, lse, delta, pairs, starts, part_dq, dk, dv, 1.0 / math.sqrt(D),
+                               LOG2E / math.sqrt(D), T, nt, slots, H, hkv, *memory_strides(q, k, grad_out), G=H // hkv,
+                               D=D, **_launch_opts(chunk, q.dtype))
+    return launch_sum_slots(part_dq, used, q.new_empty(B, H, T, D)), dk, dv
 
 
 def memory_layout(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -638,32 +665,32 @@ def _chunk_memory_fake(q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: T
 
 @torch.library.custom_op("convgpt::chunk_memory_backward", mutates_args=())
 def chunk_memory_backward_op(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor,
-                             lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+                             used: Tensor, lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) given delta = rowsum(dO * O) - dlse, fp32 [B, H, T]."""
     return launch_memory_backward(channels_last_contiguous(grad_out.to(q.dtype)), *memory_layout(q, k, v), pairs,
-                                  starts, lse.float().contiguous(), delta.float().contiguous(), chunk)
+                                  starts, used, lse.float().contiguous(), delta.float().contiguous(), chunk)
 
 
 @chunk_memory_backward_op.register_fake
 def _chunk_memory_backward_fake(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, pairs: Tensor, starts: Tensor,
-                                lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
+                                used: Tensor, lse: Tensor, delta: Tensor, chunk: int) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(torch.empty_like(x, memory_format=torch.contiguous_format) for x in (q, k, v))
 
 
 def _chunk_memory_setup(ctx, inputs: tuple, output: tuple) -> None:
-    q, k, v, pairs, starts, _, _, ctx.chunk = inputs
-    ctx.save_for_backward(q, k, v, pairs, starts, *output)
+    q, k, v, pairs, starts, used, _, ctx.chunk = inputs
+    ctx.save_for_backward(q, k, v, pairs, starts, used, *output)
     ctx.set_materialize_grads(False)  # the unused lse's gradient arrives as None, not as zeros
 
 
 def _chunk_memory_grad(ctx, grad_out: Tensor | None, grad_lse: Tensor | None) -> tuple:
-    q, k, v, pairs, starts, out, lse = ctx.saved_tensors
+    q, k, v, pairs, starts, used, out, lse = ctx.saved_tensors
     if grad_out is None:
         grad_out = torch.zeros_like(out)
     delta = (grad_out.float() * out.float()).sum(-1)
     if grad_lse is not None:
         delta = delta - grad_lse.float()
-    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, pairs, starts, lse, delta, ctx.chunk)
+    dq, dk, dv = chunk_memory_backward_op(grad_out, q, k, v, pairs, starts, used, lse, delta, ctx.chunk)
     return dq, dk, dv, None, None, None, None, None
 
 

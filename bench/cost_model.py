@@ -26,7 +26,8 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
        and write, plus the .contiguous() copies that their wrappers make of strided inputs. The chunk memory's
        per-pair traffic is counted apart, for the whole step (partial_bytes): each (query, chunk) pair's gathered q
        row (and q and dO in the backward), its partial output (q's dtype) and lse written and merged, its dQ share
-       (fp32) written; every dQ slot zeroed and summed.
+       (fp32) written and read once by the slot sum (unused slots are neither zeroed nor read). dK and dV are summed
+       over the GQA group in the backward kernel's registers, so they move nothing beyond the op's own outputs.
   2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention and the
      chunk memory 3.5x (2 forward + 5 backward matmul passes, over 2: the memory's one backward kernel recomputes
      S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients),
@@ -196,11 +197,9 @@ def schedule_bound_ratio(seq_len: int, chunk: int, topk: int) -> float:
 def partial_bytes(seq_len: int, chunk: int, topk: int, head_dim: int, elem: int) -> int:
     """Bytes per (batch, head) per training step that the chunk memory moves beyond q, k, v and out once: for each
     (query, chunk) pair it reads, the gathered q row (forward) and q and dO rows (backward), its partial output
-    and lse written and merged, and its dQ share written (fp32); plus every dQ slot zeroed and summed."""
+    and lse written and merged, and its dQ share (fp32) written and summed."""
     pairs = ideal_blocks(seq_len, chunk, topk) * chunk - (-seq_len % chunk) * (min(topk, (seq_len - 1) // chunk) + 1)
-    slots = min(topk, (seq_len - 1) // chunk) + 1
-    per_pair = 3 * head_dim * elem + 2 * (head_dim * elem + 4) + head_dim * 4
-    return pairs * per_pair + 2 * seq_len * slots * head_dim * 4
+    return pairs * (3 * head_dim * elem + 2 * (head_dim * elem + 4) + 2 * head_dim * 4)
 
 
 def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | None, bf16_params: bool,

@@ -150,7 +150,7 @@ def memory_case(T: int, dtype: torch.dtype, head_dim: int, chunk: int) -> Callab
         picks = ops.chunk_picks(q.float(), k.float(), chunk, HP.mem_topk)
         pairs, starts, used, work = ops.memory_schedule(picks, chunk)
         out, lse = ops.launch_memory_forward(q, k, v, pairs, starts, used, work, chunk)
-        ops.launch_memory_backward(out, q, k, v, pairs, starts, lse, lse, chunk)
+        ops.launch_memory_backward(out, q, k, v, pairs, starts, used, lse, lse, chunk)
     return launch
 
 

@@ -24,7 +24,8 @@ def compile_rows(*flags: str) -> list[dict]:
 def test_default_shapes_compile_for_sm90_without_spills():
     rows = compile_rows()
     kernels = {row["kernel"] for row in rows}
-    assert kernels == {"_gather_conv_kernel", "_gather_conv_wgrad_kernel", "_fwd_kernel", "_merge_kernel", "_bwd_kernel"}
+    assert kernels == {"_gather_conv_kernel", "_gather_conv_wgrad_kernel", "_fwd_kernel", "_merge_kernel", "_bwd_kernel",
+                       "_sum_slots_kernel"}
     cases = {row["case"] for row in rows}
     assert any("T=1024" in c for c in cases) and any("T=2048" in c for c in cases)
     assert any("float32" in c for c in cases) and any("bfloat16" in c for c in cases)

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from convgpt_ops import (check_chunk_memory_inputs, check_memory_sizes, chunk_memory_from_picks, chunk_memory_op,
-                         chunk_memory_ref, chunk_memory_triton, chunk_picks, chunk_routing, memory_schedule)
+                         chunk_memory_ref, chunk_memory_triton, chunk_picks, chunk_routing, launch_sum_slots,
+                         memory_schedule)
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
@@ -134,6 +135,18 @@ def test_backward_is_bitwise_deterministic():
     q, k, v, grad = make(1, 4, 1, 65, 16, seed=11)
     first, second = (run(chunk_memory_triton, q, k, v, grad, 2)[1] for _ in range(2))
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_dq_slot_sum_reads_only_the_used_slots():
+    """The backward's dQ slots are never zeroed: a query's slots from `used` on must not be read. Poisoned with NaN
+    here, they must leave no trace."""
+    gen = torch.Generator().manual_seed(29)
+    B, H, T, S, D = 2, 3, 67, 5, 16
+    used = torch.randint(1, S + 1, (B, H, T), generator=gen, dtype=torch.int32)
+    slots = torch.randn(B, H, T, S, D, generator=gen)
+    poisoned = slots.masked_fill(torch.arange(S)[:, None] >= used[..., None, None], float("nan"))
+    out = launch_sum_slots(poisoned.to(DEVICE), used.to(DEVICE), torch.empty(B, H, T, D, device=DEVICE))
+    torch.testing.assert_close(out.cpu(), torch.nan_to_num(poisoned).sum(3), rtol=1e-6, atol=1e-6)
 
 
 def test_lse_output_and_its_gradient():
