@@ -63,7 +63,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 LOG2E = 1.4426950408889634  # log2(e): the attention kernels work in base 2
 TL_LOG2E, TL_LN2 = tl.constexpr(LOG2E), tl.constexpr(1 / LOG2E)  # the same for kernels: they read only constexpr globals
-MERGE_BLOCK_ROWS = 64  # query rows per program of the chunk memory's merge kernel
+MERGE_BLOCK_ROWS = 64  # query rows per program of the chunk memory's merge and dQ slot-sum kernels
 # Tile sizes from the sm_90 compile (bench/kernel_resources.py, bench/results/kernel_resources_sm90.md):
 MEMORY_MAX_CHUNK, MEMORY_MAX_TILE = 256, 8192  # chunk x head dim: the backward's 128 x 64 takes 130 KB of the 227 KB a
 # block has, 256 x 32 226 KB; 128 x 128 needs 258 KB

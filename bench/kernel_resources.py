@@ -53,6 +53,7 @@ REGS_PER_SM, REG_ALLOC_UNIT, MAX_REGS_PER_THREAD = 65536, 256, 255
 MAX_WARPS_PER_SM, MAX_BLOCKS_PER_SM, WARP = 64, 32, 32
 HP = Hyperparameters()  # the trainer's defaults are the golf shapes
 POW2 = (16, 32, 64, 128, 256)
+GQA_KV_HEADS = (8, 2, 1)  # kv heads of the extra memory cases beside the default 8/4
 
 
 class _Sm90Driver:
@@ -143,10 +144,11 @@ def gather_case(T: int, dtype: torch.dtype) -> Callable[[], None]:
     return launch
 
 
-def memory_case(T: int, dtype: torch.dtype, head_dim: int, chunk: int) -> Callable[[], None]:
+def memory_case(T: int, dtype: torch.dtype, head_dim: int, chunk: int,
+                heads: tuple[int, int] = (HP.num_heads, HP.num_kv_heads)) -> Callable[[], None]:
     def launch() -> None:
-        q = torch.randn(1, HP.num_heads, T, head_dim).to(dtype)
-        k, v = (torch.randn(1, HP.num_kv_heads, T, head_dim).to(dtype) for _ in range(2))
+        q = torch.randn(1, heads[0], T, head_dim).to(dtype)
+        k, v = (torch.randn(1, heads[1], T, head_dim).to(dtype) for _ in range(2))
         picks = ops.chunk_picks(q.float(), k.float(), chunk, HP.mem_topk)
         pairs, starts, used, work = ops.memory_schedule(picks, chunk)
         out, lse = ops.launch_memory_forward(q, k, v, pairs, starts, used, work, chunk)
@@ -162,6 +164,9 @@ def cases(sweep: bool) -> Iterator[tuple[str, bool, Callable[[], None]]]:
             yield f"gather T={T} C={HP.model_dim} {str(dtype)[6:]}", True, gather_case(T, dtype)
         yield f"memory T={T} {heads} D={HP.head_dim} chunk={HP.mem_chunk} bfloat16", True, memory_case(
             T, torch.bfloat16, HP.head_dim, HP.mem_chunk)
+    for kv_heads in GQA_KV_HEADS:  # the backward unrolls its loop over a kv head's G query heads: G = 1, 4 and 8
+        yield f"memory T={HP.train_seq_len} H={HP.num_heads}/{kv_heads} D={HP.head_dim} chunk={HP.mem_chunk} bfloat16", \
+            True, memory_case(HP.train_seq_len, torch.bfloat16, HP.head_dim, HP.mem_chunk, (HP.num_heads, kv_heads))
     if not sweep:
         return
     for chunk in POW2:

@@ -149,6 +149,25 @@ def test_dq_slot_sum_reads_only_the_used_slots():
     torch.testing.assert_close(out.cpu(), torch.nan_to_num(poisoned).sum(3), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("Hkv", [1, 2, 4])
+def test_every_buffer_the_kernels_read_back_is_written_first(monkeypatch: pytest.MonkeyPatch, Hkv):
+    """The partials, lse and dQ slots, and dK and dV, come from torch.empty: poisoned with NaN here, outputs and
+    gradients still match the reference, so every slot read back was written (GQA groups of 4, 2 and 1, a partial
+    last chunk, and top-k above the earlier chunks, so some slots stay unused)."""
+    empty = torch.empty
+
+    def poisoned(*size, **kwargs):
+        x = empty(*size, **kwargs)
+        return x.fill_(float("nan")) if x.is_floating_point() else x
+
+    q, k, v, grad = make(2, 4, Hkv, 67, 16, seed=31)
+    want = run(chunk_memory_ref, q, k, v, grad, 5)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    got = run(chunk_memory_triton, q, k, v, grad, 5)
+    for name, a, b in zip(("out", "dq", "dk", "dv"), [got[0], *got[1]], [want[0], *want[1]]):
+        torch.testing.assert_close(a, b, rtol=TOL[q.dtype], atol=TOL[q.dtype], msg=lambda m: f"{name}: {m}")
+
+
 def test_lse_output_and_its_gradient():
     q, k, v, _ = make(1, 2, 1, 40, 16, seed=13)
     picked = chunk_routing(q, k, C, 1)
