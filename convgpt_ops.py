@@ -541,11 +541,10 @@ def _bwd_kernel(Q, K, V, DO, LSE, DELTA, PAIRS, STARTS, PART_DQ, DK, DV, sm_scal
         h = kvh * G + g
         bh = b * H + h
         q_ptr, do_ptr = Q + b * sq_b + h * sq_h, DO + b * sdo_b + h * sdo_h
-        pairs_ptr, part_ptr = PAIRS + bh * T * S, PART_DQ + bh * T * S * D
-        lse_ptr, delta_ptr = LSE + bh * T, DELTA + bh * T
+        lse_ptr, delta_ptr, part_ptr = LSE + bh * T, DELTA + bh * T, PART_DQ + bh * T * S * D
         start = tl.load(STARTS + bh * (NT + 1) + j)
         count = tl.load(STARTS + bh * (NT + 1) + j + 1) - start
-        pairs_ptr += start
+        pairs_ptr = PAIRS + bh * T * S + start
         for first in range(0, count, BLOCK):
             e = first + ar
             ok = e < count
