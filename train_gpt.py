@@ -75,6 +75,7 @@ LEAKY_SLOPE = 0.5  # LeakyReLU(0.5)^2, record of 2026-03-23
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Muon (Keller Jordan, modded-nanogpt)
 NS_EPS = 1e-7
 EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA_DECAY
+SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
@@ -766,6 +767,19 @@ def lr_multiplier(args: Hyperparameters, step: int, elapsed_ms: float) -> float:
     return max(min(by_step, remaining_ms / max(warmdown_ms, 1e-9)), 0.0)
 
 
+def schedule_warning(args: Hyperparameters, step: int, elapsed_ms: float) -> str | None:
+    """A warning when ITERATIONS, or the wallclock cap at the step time so far, leaves fewer steps than
+    WARMDOWN_ITERS: the warmdown then spans the whole run and the learning rate never reaches its peak."""
+    steps = args.iterations
+    if args.train_seconds > 0:
+        steps = min(steps, int(1000 * args.train_seconds * step / max(elapsed_ms, 1e-9)))
+    if steps >= args.warmdown_iters:
+        return None
+    return (f"warning: about {steps} steps fit in this run, fewer than WARMDOWN_ITERS={args.warmdown_iters}: the "
+            f"learning rate never reaches its peak (it starts at {steps / args.warmdown_iters:.0%} of it); set "
+            f"WARMDOWN_ITERS below {steps}")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 def eval_windows(n_targets: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
@@ -1184,6 +1198,8 @@ def train(model: ConvGPT, step_model: nn.Module, optimizers: Optimizers, d: Dist
         step += 1
         sync(d.device)
         approx_ms = train_ms + 1000 * (time.perf_counter() - t0)
+        if step == min(SCHEDULE_CHECK_STEP, args.iterations) and (warning := schedule_warning(args, step, approx_ms)):
+            log(warning)
         if step % args.train_log_every == 0 or step == args.iterations:
             check_finite(first_bad)
             mean_loss = all_reduce(loss.clone()).item() / d.world_size

@@ -97,6 +97,19 @@ def test_gptq_reserve_shortens_the_training_cap_and_its_warmdown():
     assert tg.lr_multiplier(gptq, 1000, 585_000) == 0.0 < tg.lr_multiplier(plain, 1000, 585_000)
 
 
+def test_schedule_warning_names_warmdown_iters_when_the_run_is_shorter_than_its_warmdown():
+    default = tg.Hyperparameters.from_env({})
+    assert tg.schedule_warning(default, 5, 5 * 45.0) is None  # 8xH100 pace: ITERATIONS binds, far above 1200
+    slow = tg.schedule_warning(default, 5, 5 * 1000.0)  # 1 s a step: 600 of the 1200 warmdown steps fit
+    assert slow == ("warning: about 600 steps fit in this run, fewer than WARMDOWN_ITERS=1200: the learning rate "
+                    "never reaches its peak (it starts at 50% of it); set WARMDOWN_ITERS below 600")
+    assert f"{tg.lr_multiplier(default, 5, 5 * 1000.0):.0%}" == "50%"
+    short = tg.Hyperparameters.from_env({"ITERATIONS": "100", "MAX_WALLCLOCK_SECONDS": "0"})
+    assert "about 100 steps" in tg.schedule_warning(short, 5, 1e9) and f"{tg.lr_multiplier(short, 0, 0):.0%}" == "8%"
+    assert tg.schedule_warning(tg.Hyperparameters.from_env({"ITERATIONS": "1200", "MAX_WALLCLOCK_SECONDS": "0"}), 5, 1.0) is None
+    assert tg.schedule_warning(tg.Hyperparameters.from_env({"ITERATIONS": "100", "WARMDOWN_ITERS": "0"}), 5, 1e9) is None
+
+
 def test_preset_sets_defaults_that_explicit_settings_override():
     sp = tg.Hyperparameters.from_env({"PRESET": "sp8192", "NUM_LAYERS": "3"})
     assert (sp.preset, sp.vocab_size, sp.embed_quant, sp.mlp_mult) == ("sp8192", 8192, "int6", 2.5)

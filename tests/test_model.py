@@ -223,3 +223,4 @@ def test_config_fits_the_cap_even_with_incompressible_weights(env, params, capsy
         print(f"\n{env or 'defaults'}: " + " ".join(f"{k}:{v}" for k, v in size.items()))
     assert params[0] <= size["params"] <= params[1]
     assert size["bytes_total"] == size["bytes_model"] + tg.code_bytes() and size["headroom"] > 500_000
+    assert size["bytes_total_packed"] == size["bytes_model"] + size["bytes_code_packed"] < size["bytes_total"]

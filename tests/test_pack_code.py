@@ -43,29 +43,91 @@ def comparable(log: str) -> list[str]:
     return lines
 
 
-def test_packed_file_is_smaller_and_carries_the_code_exactly(tmp_path, capsys):
+PACKED_BUDGET = 30_000  # bytes: issue 26's target for the packed code (46,160 before minifying, in base85)
+
+
+def test_packed_file_is_small_and_carries_the_minified_code_exactly(tmp_path, capsys):
     folder = packed_folder(tmp_path)
-    text = (folder / "train_gpt.py").read_text()
-    plain = sum((ROOT / name).stat().st_size for name in pack_code.CODE_FILES)
-    assert text.startswith(pack_code.MARKER) and len(text.encode()) < plain / 2
-    assert pack_code.unpack(text) == [(ROOT / name).read_text() for name in pack_code.CODE_FILES]
+    data = (folder / "train_gpt.py").read_bytes()
+    text = data.decode(pack_code.ENCODING)
+    assert text.startswith(pack_code.MARKER) and b"\0" not in data and b"\r" not in data
+    assert len(data) <= PACKED_BUDGET, f"packed code {len(data):,} bytes is over its {PACKED_BUDGET:,}-byte budget"
+    texts = [(ROOT / name).read_text() for name in pack_code.CODE_FILES]
+    assert pack_code.unpack(text) == [pack_code.minify(t) for t in texts]
     assert pack_code.main(["--check", str(folder / "train_gpt.py")]) == 0
     assert make_record.counted_code(folder) == ("train_gpt.py",) and make_record.counted_code(ROOT) == pack_code.CODE_FILES
     capsys.readouterr()
     edited = tmp_path / "src"
     edited.mkdir()
-    for name in pack_code.CODE_FILES:
-        (edited / name).write_text((ROOT / name).read_text() + ("\n" if name == "quantize.py" else ""))
-    assert pack_code.main(["--check", str(folder / "train_gpt.py"), "--src", str(edited)]) == 1
+    for name, source in zip(pack_code.CODE_FILES, texts):
+        (edited / name).write_text(source + ("EXTRA = 1\n" if name == "quantize.py" else "# a comment\n"))
+    assert pack_code.main(["--check", str(folder / "train_gpt.py"), "--src", str(edited)]) == 1  # code added
+    (edited / "quantize.py").write_text(texts[2] + "# only a comment\n")
+    assert pack_code.main(["--check", str(folder / "train_gpt.py"), "--src", str(edited)]) == 0  # comments aside
     assert pack_code.main([str(tmp_path / "run.py")]) == 2 and "must be named train_gpt.py" in capsys.readouterr().err
     loader_edit = tmp_path / "loader_edit" / "train_gpt.py"
     loader_edit.parent.mkdir()
-    loader_edit.write_text(text.replace('exec(globals().pop("C"))', 'import os;exec(globals().pop("C"))'))
-    assert pack_code.unpack(loader_edit.read_text()) == pack_code.unpack(text)  # same code, other loader
+    loader_edit.write_bytes(data.replace(b'exec(globals().pop("C"))', b'import os;exec(globals().pop("C"))'))
+    assert pack_code.unpack(pack_code.read(loader_edit)) == pack_code.unpack(text)  # same code, other loader
     assert pack_code.main(["--check", str(loader_edit)]) == 1
     (folder / "quantize.py").write_text("stray")
     with pytest.raises(make_record.RecordError, match="quantize.py beside the packed train_gpt.py"):
         make_record.counted_code(folder)
+
+
+def test_latin1_literal_carries_every_byte_through_the_python_parser(tmp_path):
+    tricky = bytes(range(256)) + b"\x0007\r\n\r\\\\'''\x85\x0c\x1c\n\\"
+    for i, blob in enumerate((tricky, tricky + b"'", b"'", b"\\", b"")):
+        source = tmp_path / f"lit{i}.py"
+        source.write_bytes(f"# coding: latin-1\nB={pack_code.literal(blob)}.encode('latin-1')\n".encode("latin-1"))
+        proc = subprocess.run([sys.executable, "-B", "-c", f"import runpy; print(runpy.run_path({str(source)!r})['B'].hex())"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and bytes.fromhex(proc.stdout.strip()) == blob, proc.stderr[-500:]
+
+
+MINIFY_CASE = r'''"""Module docstring."""
+from __future__ import annotations
+
+X = """keep
+    this indented line
+        and this one"""  # a comment
+
+
+class A:
+    """Class docstring."""
+
+    def f(self, y: int = 2) -> str:
+        """Only a docstring."""
+
+    def g(self):
+        # comment
+        return f"{X!r:>{4}} {'a'}" + \
+            'b'
+'''
+
+
+def test_minify_drops_docstrings_and_comments_and_keeps_the_program():
+    code = pack_code.minify(MINIFY_CASE)
+    assert "docstring" not in code and "comment" not in code
+    assert "\nclass A:\n\n def f(self, y: int=2) -> str:\n  pass\n\n def g(self):\n" in code  # one space a level
+    namespace: dict = {}
+    exec(compile(code, "minified", "exec"), namespace)
+    assert namespace["X"] == "keep\n    this indented line\n        and this one"
+    assert namespace["A"]().g() == f"{namespace['X']!r:>4} a" + "b" and namespace["A"]().f() is None
+    assert pack_code.minify(code) == code
+
+
+def test_reindent_leaves_the_lines_of_a_multiline_string_alone():
+    code = 'if x:\n    y = """a\n    b\n\n        c"""\n\n    z = 1\n'
+    assert pack_code.reindent(code) == 'if x:\n y = """a\n    b\n\n        c"""\n\n z = 1\n'
+
+
+def test_compare_reports_every_codec_and_encoding(capsys):
+    assert pack_code.main(["--compare"]) == 0
+    rows = capsys.readouterr().out.splitlines()
+    assert [(r.split(" ")[0], r.split(") ")[1].split(":")[0]) for r in rows] == [
+        ("plain", "lzma"), ("plain", "zstd"), ("minified", "lzma"), ("minified", "zstd")]
+    assert all("base85" in r and "latin-1 literal" in r for r in rows)
 
 
 KERNELS_FROM_PACKED_SOURCE = """

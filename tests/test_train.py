@@ -37,6 +37,7 @@ def test_run_prints_final_lines_and_writes_the_artifact(reference_run):
     workdir, stdout = reference_run
     lines = stdout.splitlines()
     assert "warning: env TRAIN_SEQ_LNE is not a setting; did you mean TRAIN_SEQ_LEN?" in lines
+    assert not [line for line in lines if line.startswith("warning: about")]  # 6 steps, WARMDOWN_ITERS=3
     hp = [line for line in lines if line.startswith("hp ")]
     assert hp == sorted(hp) and len(hp) == len(tg.Hyperparameters.__dataclass_fields__)
     order = [next(i for i, line in enumerate(lines) if line.startswith(p)) for p in FINAL_PREFIXES]
@@ -143,6 +144,9 @@ def test_gptq_over_its_reserve_writes_no_artifact(smoke_data, tmp_path):
     out = run_trainer(env, tmp_path)
     assert out.returncode == 2 and "over GPTQ_RESERVE_SECONDS=0.001: the run broke the training cap" in out.stderr, out.stderr
     assert "gptq matrices:10" in out.stdout and artifact.read_bytes() == b"a good artifact from an earlier run"
+    warnings = [line for line in out.stdout.splitlines() if line.startswith("warning: about")]  # ITERATIONS=2 < 3
+    assert warnings == ["warning: about 2 steps fit in this run, fewer than WARMDOWN_ITERS=3: the learning rate never "
+                        "reaches its peak (it starts at 67% of it); set WARMDOWN_ITERS below 2"]
 
 
 @SLOW
