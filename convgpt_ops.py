@@ -37,6 +37,8 @@ Invariants (tests/test_ops.py, tests/test_kernels_*.py check each)
     inverse of the longest table serves every T (the kernels ignore readers >= T).
   * The first 4**m Hilbert cells fill a 2**m square, the first 2*4**m a 2**m x 2**(m+1) rectangle.
   * topk >= the number of complete earlier chunks is exactly dense causal attention.
+  * The reference memory given the queries of the last Tq of k's positions (incremental decoding) returns the
+    full result's last Tq rows (tests/test_sample.py).
   * Kernels equal their _ref in outputs and every gradient (fp32 ~1e-5, bf16 ~1e-2), deterministically.
   * check_memory_sizes admits only chunk x head-dim tiles whose kernels fit a Hopper block (chunks <= 256).
 
@@ -332,48 +334,50 @@ def memory_is_dense(seq_len: int, chunk: int, topk: int) -> bool:
 
 
 def chunk_picks(q: Tensor, k: Tensor, chunk: int, topk: int) -> Tensor:
-    """int64 [B, H, T, min(topk, n_past)] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks
+    """int64 [B, H, Tq, min(topk, n_past)] with n_past = (T - 1) // chunk: the complete, strictly earlier chunks
     each (head, query token) reads, the topk whose mean key scores highest against q_t, in score order; n_past marks
     a slot left empty (a query with fewer earlier chunks than topk). A chunk's mean key only averages tokens before
-    t's chunk; routing is never shared between query tokens."""
-    B, H, T, D = q.shape
+    t's chunk; routing is never shared between query tokens. q holds the last Tq of k's T positions (Tq < T:
+    incremental decoding), here and in chunk_routing, chunk_memory_mask and chunk_memory_ref."""
+    B, H, Tq, D = q.shape
+    T = k.shape[2]
     n_past = (T - 1) // chunk
     if n_past == 0 or topk == 0:
-        return torch.zeros(B, H, T, 0, dtype=torch.long, device=q.device)
+        return torch.zeros(B, H, Tq, 0, dtype=torch.long, device=q.device)
     kbar = k[:, :, : n_past * chunk].unflatten(2, (n_past, chunk)).float().mean(3)
     scores = q.float() @ kbar.repeat_interleave(H // k.shape[1], 1).transpose(-1, -2)
-    earlier = torch.arange(n_past, device=q.device)[None, :] < (torch.arange(T, device=q.device) // chunk)[:, None]
+    earlier = torch.arange(n_past, device=q.device)[None, :] < (torch.arange(T - Tq, T, device=q.device) // chunk)[:, None]
     top = scores.masked_fill(~earlier, float("-inf")).topk(min(topk, n_past), dim=-1)
     return torch.where(top.values.isfinite(), top.indices, n_past)
 
 
 def chunk_routing(q: Tensor, k: Tensor, chunk: int, topk: int) -> Tensor:
-    """Bool [B, H, T, n_past]: chunk_picks as a mask."""
-    B, H, T, _ = q.shape
-    n_past = (T - 1) // chunk
+    """Bool [B, H, Tq, n_past]: chunk_picks as a mask."""
+    B, H, Tq, _ = q.shape
+    n_past = (k.shape[2] - 1) // chunk
     picks = chunk_picks(q, k, chunk, topk)
-    mask = torch.zeros(B, H, T, n_past + 1, dtype=torch.bool, device=q.device)
+    mask = torch.zeros(B, H, Tq, n_past + 1, dtype=torch.bool, device=q.device)
     return mask.scatter(-1, picks, True)[..., :n_past]
 
 
 def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
-    """Bool [B, H, T, T]: key s is visible to query t if s is in t's chunk and s <= t, or s lies in a chunk
+    """Bool [B, H, Tq, T]: key s is visible to query t if s is in t's chunk and s <= t, or s lies in a chunk
     that chunk_routing picked for (head, t)."""
-    T = q.shape[2]
+    Tq, T = q.shape[2], k.shape[2]
     pos = torch.arange(T, device=q.device)
-    q_chunk = pos // chunk
-    own = (q_chunk[:, None] == q_chunk[None, :]) & (pos[None, :] <= pos[:, None])
+    k_chunk = pos // chunk
+    own = (k_chunk[T - Tq:, None] == k_chunk[None, :]) & (pos[None, :] <= pos[T - Tq:, None])
     n_past = (T - 1) // chunk
     if n_past == 0 or topk == 0:
-        return own.expand(q.shape[0], q.shape[1], T, T)
+        return own.expand(q.shape[0], q.shape[1], Tq, T)
     picked = chunk_routing(q, k, chunk, topk)
-    return own | (picked[..., q_chunk.clamp(max=n_past - 1)] & (pos < n_past * chunk))
+    return own | (picked[..., k_chunk.clamp(max=n_past - 1)] & (pos < n_past * chunk))
 
 
 def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
-    """One softmax over the visible keys of chunk_memory_mask; grouped heads; returns [B, H, T, D].
+    """One softmax over the visible keys of chunk_memory_mask; grouped heads; returns [B, H, Tq, D].
     The masked path repeats k and v per query head itself: masked SDPA kernels may lack GQA support."""
-    if memory_is_dense(q.shape[2], chunk, topk):
+    if q.shape[2] == k.shape[2] and memory_is_dense(q.shape[2], chunk, topk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     mask, group = chunk_memory_mask(q, k, chunk, topk), q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)

@@ -2,7 +2,8 @@
 # The main job on a fresh machine: install the requirements, then train, export and evaluate.
 #   * FineWeb at data/datasets/fineweb10B_sp1024 and CUDA GPUs: the real run, one process per GPU.
 #   * Otherwise: the CPU smoke run (about 4 minutes on 2 cores) on a generated synthetic sample,
-#     NOT FineWeb; it ends by printing the sample's entropy, the best bpb any model could reach.
+#     NOT FineWeb; it ends by printing the sample's entropy, the best bpb any model could reach, and a few
+#     greedy tokens from the artifact (tools/sample.py): the whole path works end to end, no claim of quality.
 # Any setting can be overridden from the environment, e.g. `MAX_WALLCLOCK_SECONDS=60 bash run.sh`.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -26,3 +27,4 @@ export WARMUP_STEPS="${WARMUP_STEPS:-2}" MAX_WALLCLOCK_SECONDS="${MAX_WALLCLOCK_
 export TRAIN_LOG_EVERY="${TRAIN_LOG_EVERY:-25}" VAL_LOSS_EVERY="${VAL_LOSS_EVERY:-0}" VAL_BATCH_SIZE="${VAL_BATCH_SIZE:-65536}"
 python3 train_gpt.py
 python3 -c "import json; s = json.load(open('${DATA_PATH}/source.json')); print(f\"smoke_source entropy_bpb:{s['entropy_bits_per_byte']:.4f} unigram_bpb:{s['unigram_bits_per_byte']:.4f} (the model's val_bpb can approach the first, should beat the second)\")"
+python3 tools/sample.py --artifact "${ARTIFACT_PATH}" --prompt "the" --max-new-tokens 24 --temperature 0

@@ -42,6 +42,7 @@ import inspect
 import itertools
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -79,6 +80,7 @@ SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is 
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
+RECUR_FORMAT = re.compile(r"(\d+)-(\d+)x(\d+)")  # RECUR="A-BxN"
 PRESETS = {  # PRESET=name sets these defaults together; a setting given in the environment still wins
     "sp8192": {"VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
                "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model", "NUM_LAYERS": "8", "MLP_MULT": "2.5",
@@ -141,6 +143,8 @@ class Hyperparameters:
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
+    recur: str = ""  # depth recurrence "A-BxN": blocks A..B (counted from 1) run N times in a row; "" = off
+    parallel_from: int = 0  # blocks from this one on (counted from 1) add mixer and MLP of one input; 0 = off
     body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); the baseline's is rms_norm's dtype
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
@@ -199,6 +203,15 @@ class Hyperparameters:
     def max_seq_len(self) -> int:
         return max(self.train_seq_len, self.eval_len)
 
+    @property
+    def block_order(self) -> list[int]:
+        """The blocks' indices in forward order: RECUR="A-BxN" repeats blocks A..B (from 1) N - 1 more times."""
+        order, span = list(range(self.num_layers)), RECUR_FORMAT.fullmatch(self.recur)
+        if span is None:
+            return order
+        a, b, n = (int(v) for v in span.groups())
+        return order[:b] + order[a - 1:b] * (n - 1) + order[b:]
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Hyperparameters:
         env = os.environ if env is None else env
@@ -248,6 +261,11 @@ class Hyperparameters:
              f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
+            (self.recur == "" or (m := RECUR_FORMAT.fullmatch(self.recur)) is not None
+             and 1 <= int(m[1]) <= int(m[2]) <= self.num_layers and int(m[3]) >= 2,
+             f"RECUR={self.recur!r} must be empty or A-BxN with 1 <= A <= B <= NUM_LAYERS={self.num_layers}, N >= 2"),
+            (0 <= self.parallel_from <= self.num_layers,
+             f"PARALLEL_FROM={self.parallel_from} must lie in 0..NUM_LAYERS={self.num_layers}"),
         ]
         checks += [(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
                    for name, allowed in CHOICES.items()]
@@ -493,11 +511,11 @@ class CastedLinear(nn.Linear):
         return y + (x @ a.transpose(1, 2)) @ b.transpose(1, 2)
 
 
-def apply_rotary(x: Tensor, base: float) -> Tensor:
-    """RoPE over the last dim of [B, H, T, D], positions 0..T-1 of the window."""
+def apply_rotary(x: Tensor, base: float, start: int = 0) -> Tensor:
+    """RoPE over the last dim of [B, H, T, D], positions start..start+T-1 of the window."""
     T, D = x.shape[-2:]
     inv_freq = base ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float32) / D)
-    angles = torch.outer(torch.arange(T, device=x.device, dtype=torch.float32), inv_freq)
+    angles = torch.outer(torch.arange(start, start + T, device=x.device, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
     x1, x2 = x.chunk(2, -1)
     return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), -1)
@@ -516,7 +534,8 @@ class TapTable(nn.Module):
 
 class ConvMix(nn.Module):
     """[u, g] = W_in h; m = causal 1D conv and Hilbert 2D conv of u, fused by a per-channel sigmoid gate
-    (one gather conv over both tap sets); y = W_out(silu(g) * m), the product in the conv kernel's epilogue."""
+    (one gather conv over both tap sets); y = W_out(silu(g) * m), the product in the conv kernel's epilogue.
+    With a decoding cache, u of every earlier position stays in it: a Hilbert tap can reach far back."""
 
     def __init__(self, args: Hyperparameters, tap_table: TapTable):
         super().__init__()
@@ -528,18 +547,24 @@ class ConvMix(nn.Module):
         self.fuse = nn.Parameter(torch.zeros(d))
         self.triton = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        table, inverse, (u, g) = self.tap_table.table[:x.shape[1]], self.tap_table.inverse, self.w_in(x).chunk(2, -1)
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        u, g = self.w_in(x).chunk(2, -1)
+        if cache:
+            u = torch.cat((cache["u"], u), 1)
+        if cache is not None:
+            cache["u"] = u
+        table = self.tap_table.table[u.shape[1] - x.shape[1]:u.shape[1]]
         f = torch.sigmoid(self.fuse)[:, None]
         w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1).to(u.dtype)
-        if self.triton:
-            return self.w_out(gated_gather_conv(u, g, table, inverse, w)[1])
+        if self.triton and cache is None:
+            return self.w_out(gated_gather_conv(u, g, table, self.tap_table.inverse, w)[1])
         return self.w_out(gated_gather_conv_ref(u, g, table, w))
 
 
 class ChunkMemory(nn.Module):
     """Grouped-head attention of each token over its own chunk (causally) and its top-k complete earlier
-    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions."""
+    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions. A decoding cache holds the
+    keys and values of every earlier position."""
 
     def __init__(self, args: Hyperparameters, use_rope: bool):
         super().__init__()
@@ -551,17 +576,21 @@ class ChunkMemory(nn.Module):
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), QK_GAIN_INIT))
         self.triton = False
 
-    def forward(self, x: Tensor) -> Tensor:
-        a, (B, T, _) = self.args, x.shape
+    def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
+        a, (B, T, _), start = self.args, x.shape, cache["k"].shape[2] if cache else 0
         q = rms_norm(self.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2))
         k, v = self.kv(x).view(B, T, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).chunk(2, 1)
         k = rms_norm(k)
         if self.use_rope:
-            q, k = apply_rotary(q, a.rope_base), apply_rotary(k, a.rope_base)
+            q, k = apply_rotary(q, a.rope_base, start), apply_rotary(k, a.rope_base, start)
         q = q * self.q_gain.to(q.dtype)[:, None, None]
         q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast: rms_norm fp32 from torch 2.12; the ops take one dtype
+        if cache:  # q holds the last T of k's positions: chunk_memory_ref takes that
+            k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
+        if cache is not None:
+            cache.update(k=k, v=v)
         dense = memory_is_dense(T, a.mem_chunk, a.mem_topk)  # flash attention beats the kernel there
-        memory = chunk_memory_triton if self.triton and not dense else chunk_memory_ref
+        memory = chunk_memory_triton if self.triton and not dense and cache is None else chunk_memory_ref
         y = memory(q, k, v, a.mem_chunk, a.mem_topk)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -579,21 +608,22 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x0 mix, token mixer, MLP, each branch with a learned per-channel scale."""
+    """Pre-norm residual block: x0 mix, token mixer, MLP, each branch with a learned per-channel scale. Parallel:
+    the MLP reads the block's input, as the mixer does, instead of the mixer's output."""
 
-    def __init__(self, args: Hyperparameters, mixer: nn.Module):
+    def __init__(self, args: Hyperparameters, mixer: nn.Module, parallel: bool = False):
         super().__init__()
         d = args.model_dim
-        self.mixer, self.mlp = mixer, MLP(args)
+        self.mixer, self.mlp, self.parallel = mixer, MLP(args), parallel
         self.mix_scale = nn.Parameter(torch.ones(d))
         self.mlp_scale = nn.Parameter(torch.ones(d))
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(d), torch.zeros(d))))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cache: dict | None = None) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.mix_scale.to(x.dtype) * self.mixer(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        y = x + self.mix_scale.to(x.dtype) * self.mixer(rms_norm(x), cache)
+        return y + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x if self.parallel else y))
 
 
 class BigramHash(nn.Module):
@@ -629,13 +659,14 @@ class ConvGPT(nn.Module):
         blocks, n_mem = [], 0
         tap_table = TapTable(args) if args.mem_every != 1 else None
         for i in range(args.num_layers):
+            parallel = 0 < args.parallel_from <= i + 1
             if args.mem_every and (i + 1) % args.mem_every == 0:
                 rope = args.mem_rope == "all" or (args.mem_rope == "half" and n_mem % 2 == 0)
-                blocks.append(Block(args, ChunkMemory(args, rope)))
+                blocks.append(Block(args, ChunkMemory(args, rope), parallel))
                 n_mem += 1
             else:
-                blocks.append(Block(args, ConvMix(args, tap_table)))
-        self.blocks = nn.ModuleList(blocks)
+                blocks.append(Block(args, ConvMix(args, tap_table), parallel))
+        self.blocks, self.order = nn.ModuleList(blocks), args.block_order
         self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
         self.body_dtype = torch.float32  # the residual stream's; build_model sets body_dtype(args, device)
 
@@ -645,17 +676,25 @@ class ConvGPT(nn.Module):
         blend = F.pad((input_ids[:, 1:] != BOS_ID).to(x.dtype), (1, 0))[..., None]
         return x + torch.sigmoid(self.smear).to(x.dtype) * blend * (prev - x)
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
+    def forward_logits(self, input_ids: Tensor, cache: dict | None = None) -> Tensor:
+        """Logits of every input position. Incremental decoding (tools/sample.py): pass {} as cache with the first
+        tokens, then the same dict with each next token(s); the logits are those of the new positions only."""
+        n = input_ids.shape[1]
+        if cache:
+            input_ids = torch.cat((cache["ids"], input_ids), 1)
         if input_ids.shape[1] > self.args.max_seq_len:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's {self.args.max_seq_len}")
+        if cache is not None:
+            cache["ids"] = input_ids
+        input_ids = input_ids[:, -n - 2:]  # BigramHash and SmearGate of the first new position read two earlier tokens
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
         if self.smear is not None:
             x = self.smear_previous(x, input_ids)
-        x0 = x = rms_norm(x).to(self.body_dtype)
-        for block in self.blocks:
-            x = block(x, x0)
+        x0 = x = rms_norm(x[:, -n:]).to(self.body_dtype)
+        for i, j in enumerate(self.order):  # a block that recurs has a decoding cache per pass
+            x = self.blocks[j](x, x0, None if cache is None else cache.setdefault(i, {}))
         x = rms_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         cap = self.args.logit_softcap

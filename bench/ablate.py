@@ -12,6 +12,7 @@ Runbook
   python bench/ablate.py --scale proxy --steps 300 --jobs 2 --configs default,dense --eval-at 2048 --resume \
       --data ../shared/data/datasets/fineweb_sample_sp1024 --tokenizer PATH --work /tmp/proxy/work \
       --out bench/results/proxy_steps_cpu.md --plot bench/results/proxy_steps_cpu.png  # golf geometry on CPU
+  python bench/ablate.py --scale proxy --steps 300 --equal-time ...  # equal predicted 8xH100 time, not equal steps
 Every run is `train_gpt.py` (with --cuda-rules `tools/cuda_rules.py`: a GPU run's dtypes on CPU) in a subprocess
 (one process; `--nproc N` uses torchrun) with the base settings of the scale, then the configuration's, then
 `--env KEY=VALUE` overrides, plus SEED and the budget: MAX_WALLCLOCK_SECONDS (--seconds), or ITERATIONS with no
@@ -24,6 +25,13 @@ to --work. fwd MFLOP/tok is bench/flops.py's count. The markdown file is rewritt
 names the date, the hardware (from the logs), the command and the data; a failed run becomes a row with its error
 line. delta = mean sliding val_bpb minus the reference's, +- the standard error of that difference over seeds (0
 with one seed each).
+
+Equal time (--equal-time): equal steps flatter whatever adds compute, since the real run is capped at 600 s. With
+--steps N, the reference gets N steps and every other configuration N x (reference's ms/step) / (its ms/step),
+rounded, where ms/step is bench/cost_model.py's 8xH100 prediction at the golf shape the configuration maps to:
+its own settings on the trainer's defaults (not the scale's base settings, not --env). WARMDOWN_ITERS stays in
+steps, as the trainer keeps it when the cap binds. With --seconds instead (golf scale on a GPU), the runs already
+share a wallclock, and the table's ms/step is measured from the logs. Two more columns: ms/step and its source.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ CONFIGS: dict[str, dict[str, str]] = {
     "train_seq_x2": {},  # TRAIN_SEQ_LEN and EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN (golf: 2048)
     "eval_seq_x2": {},  # EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN
     "ttt": {"TTT_EPOCHS": "3", "TTT_CHUNK_TOKENS": "32768"},
+    "recur": {"RECUR": "2-3x2"},  # depth recurrence: blocks 2-3 twice (the records re-ran two middle layers)
+    "parallel": {"PARALLEL_FROM": "4"},  # parallel residuals from block 4 on (proxy: the last 2 of 5)
 }
 VAL_SLICE_TOKENS = {"proxy": 131_072}  # validation targets the scale scores: the first N + 1 tokens of the val shards
 SEQ_DOUBLED = {"train_seq_x2": ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN"), "eval_seq_x2": ("EVAL_SEQ_LEN",)}
@@ -171,11 +181,38 @@ def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace, reuse: boo
     return parse_log(out.stdout, run_id)
 
 
+def predicted_ms(names: list[str]) -> dict[str, float]:
+    """8xH100 ms per step (bench/cost_model.py) of each configuration at its golf shape: its own settings on the
+    trainer's defaults, at the sequence length they give."""
+    from bench import cost_model  # it imports this module's CONFIGS
+
+    rates = cost_model.calibrate()
+    envs = {name: config_env(name, "golf") for name in names}
+    return {name: cost_model.predict(env, int(env.get("TRAIN_SEQ_LEN", Hyperparameters.train_seq_len)), rates, None,
+                                     False)["ms_per_step"] for name, env in envs.items()}
+
+
+def equal_time_steps(ref_steps: int, ref_ms: float, ms: float) -> int:
+    """The steps that take as long at ms per step as ref_steps take at ref_ms (at least one)."""
+    return max(1, round(ref_steps * ref_ms / ms))
+
+
+def step_budgets(names: list[str], cli: argparse.Namespace) -> dict[str, int]:
+    """Training steps per configuration: --steps for all, or with --equal-time each one's share of the reference's
+    predicted time (cli.ms_per_step is set to the predictions); empty under --seconds."""
+    if not cli.steps:
+        return {}
+    if not cli.equal_time:
+        return {name: cli.steps for name in names}
+    cli.ms_per_step = predicted_ms(sorted({*names, cli.reference}))
+    return {name: equal_time_steps(cli.steps, cli.ms_per_step[cli.reference], cli.ms_per_step[name]) for name in names}
+
+
 def run_one(name: str, seed: int, cli: argparse.Namespace) -> tuple[RunLog | str, RunLog | str | None]:
     """One training run, then (with --eval-at L, for the configurations it names) its artifact re-scored at
     EVAL_SEQ_LEN=L with EVAL_ONLY=1."""
     run_id = f"{name}_seed{seed}"
-    budget = {"ITERATIONS": str(cli.steps), "MAX_WALLCLOCK_SECONDS": "0"} if cli.steps else \
+    budget = {"ITERATIONS": str(cli.budgets[name]), "MAX_WALLCLOCK_SECONDS": "0"} if cli.steps else \
         {"MAX_WALLCLOCK_SECONDS": str(cli.seconds)}
     env = {**settings(name, cli), **budget, "SEED": str(seed), "ARTIFACT_PATH": str(cli.work / f"{run_id}.ptz")}
     trained = launch(run_id, env, cli, cli.resume)
@@ -206,12 +243,20 @@ def extra_columns(runs: list[tuple[RunLog | str, RunLog | str | None]]) -> list[
     return [f"{at[0]:.4f} +- {at[1]:.4f}", paired([e.score.val_bpb - r.score.val_bpb for r, e in pairs])]
 
 
+def step_time(name: str, ok: list[RunLog], cli: argparse.Namespace) -> list[str]:
+    """The equal-time columns: ms per step and where it comes from (the cost model, or these runs' logs)."""
+    if cli.steps:
+        return [f"{cli.ms_per_step[name]:.2f}", "predicted 8xH100 (bench/cost_model.py)"]
+    return [f"{statistics.fmean(r.stopped.train_time_ms / r.stopped.steps for r in ok):.2f}", f"measured, {ok[0].hardware}"]
+
+
 def table(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], cli: argparse.Namespace,
           mflops: dict[str, str]) -> list[str]:
     """One row per configuration; "headline" is the sliding-window score, or the TTT score when TTT ran, and
     eval s is the time of that evaluation. fwd MFLOP/tok is bench/flops.py's count at the training length."""
     extra = [f"headline @{cli.eval_at}", f"@{cli.eval_at} - @train"] if cli.eval_at else []
-    head = ["config", "settings", "params", "fwd MFLOP/tok", "bytes_total", "tok/s", "steps", "val_bpb plain",
+    timed = ["ms/step", "ms/step from"] if cli.equal_time else []
+    head = ["config", "settings", "params", "fwd MFLOP/tok", "bytes_total", "tok/s", "steps", *timed, "val_bpb plain",
             "val_bpb headline", "eval s", "delta", *extra]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     ref = [r.score.val_bpb for r, _ in results.get(cli.reference, []) if isinstance(r, RunLog)]
@@ -230,6 +275,7 @@ def table(results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]], cl
             delta = f"{sliding[0] - ref_mean:+.4f} +- {spread:.4f}"
         cells = [name, configured, f"{ok[0].model_params:,}", mflops[name], f"{max(r.sizes.total for r in ok):,}",
                  f"{tok_s:,.0f}", f"{statistics.fmean(r.stopped.steps for r in ok):.0f}",
+                 *(step_time(name, ok, cli) if cli.equal_time else []),
                  f"{plain[0]:.4f} +- {plain[1]:.4f}", f"{sliding[0]:.4f} +- {sliding[1]:.4f}",
                  f"{statistics.fmean(r.score.eval_time_ms or 0.0 for r in ok) / 1000:.1f}", delta,
                  *(extra_columns(runs) if cli.eval_at else [])]
@@ -286,6 +332,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="1,2")
     parser.add_argument("--seconds", type=float, default=180.0, help="training wallclock per run")
     parser.add_argument("--steps", type=int, default=0, help="train every run for exactly this many steps instead")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="with --steps: the reference's steps, the others their share of its predicted 8xH100 time")
     parser.add_argument("--jobs", type=int, default=1, help="runs at once")
     parser.add_argument("--scale", choices=sorted(SCALES), default="golf")
     parser.add_argument("--reference", default="default")
@@ -311,6 +359,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error("--env takes KEY=VALUE")
     if cli.steps < 0 or cli.jobs < 1:
         parser.error("--steps must be >= 0 and --jobs >= 1")
+    if cli.equal_time and cli.reference not in CONFIGS:
+        parser.error(f"--equal-time needs a named --reference configuration, not {cli.reference!r}")
     if not cli.list and cli.out is None:
         parser.error("--out is required")
     if VAL_SLICE_TOKENS.get(cli.scale) and not cli.list and not cli.data:
@@ -331,6 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     val_source = cli.data
     prepare_data(cli)
     names, seeds = cli.configs.split(","), [int(s) for s in cli.seeds.split(",")]
+    cli.budgets = step_budgets(names, cli)
     mflops = {name: forward_mflops(name, cli) for name in names}
     results: dict[str, list[tuple[RunLog | str, RunLog | str | None]]] = {name: [] for name in names}
     with concurrent.futures.ThreadPoolExecutor(cli.jobs) as pool:
@@ -350,6 +401,9 @@ def write_results(cli: argparse.Namespace, argv: list[str] | None, results: dict
     hardware = done[0].hardware if done else "unknown (no run finished)"
     command = "python bench/ablate.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     budget = f"{cli.steps} training steps" if cli.steps else f"{cli.seconds:g} s of training"
+    if cli.equal_time:
+        budget = (f"equal predicted 8xH100 time ({cli.reference}: {cli.steps} steps at "
+                  f"{cli.ms_per_step[cli.reference]:.2f} ms)" if cli.steps else f"equal time, {budget}")
     lines = [f"# Ablation, {cli.scale} scale, {budget} per run", "",
              f"- date: {datetime.date.today().isoformat()}", f"- hardware: {hardware}; runs at once: {cli.jobs}",
              f"- command: `{command}`", f"- data: {val_source or 'DATA_PATH default'}; tokenizer: {cli.tokenizer or 'default'}",

@@ -62,6 +62,16 @@ def run_trainer(env: dict[str, str], workdir: Path, nproc: int = 1, timeout: flo
                           text=True, timeout=timeout)
 
 
+@pytest.fixture(scope="session")
+def tiny_run(smoke_data: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One finished TINY_ENV run (EMA, QAT, export, evaluation): its artifact, log and tokenizer, for the tools that
+    read artifacts (tools/sample.py, tools/export_hf.py). Routing runs: 64 tokens are 4 chunks of 16, top-1."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    result = run_trainer(trainer_env(smoke_data, root, RUN_ID="tiny"), root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"artifact": root / "model.ptz", "log": root / "logs" / "tiny.txt", "tokenizer": smoke_data["tokenizer"]}
+
+
 def log_values(text: str, prefix: str) -> dict[str, str]:
     """key:value pairs of the last log line whose first word is prefix."""
     lines = [line for line in text.splitlines() if line.split(" ", 1)[0] == prefix]

@@ -179,3 +179,44 @@ def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_pat
     emulated.write_text("cuda_rules:emulated autocast:cuda_bf16 body_dtype:as_on_cuda\n" + log.read_text())
     assert ablate.reusable(emulated, env, run.world_size, cuda_rules=True) is not None
     assert ablate.reusable(emulated, env, run.world_size) is None
+
+
+def test_equal_time_steps_share_the_reference_time():
+    assert ablate.equal_time_steps(300, 45.3, 45.3) == 300
+    assert ablate.equal_time_steps(300, 45.3, 52.1) == round(300 * 45.3 / 52.1) == 261
+    assert ablate.equal_time_steps(300, 45.3, 30.2) == 450  # a cheaper step gets more steps
+    assert ablate.equal_time_steps(3, 1.0, 100.0) == 1
+
+
+def test_equal_time_budgets_follow_the_predicted_step_times(monkeypatch):
+    monkeypatch.setattr(ablate, "predicted_ms", lambda names: {"default": 40.0, "dense": 50.0, "conv1d_only": 32.0})
+    cli = ablate.parse_args(["--configs", "dense,conv1d_only", "--steps", "200", "--equal-time", "--out", "x.md"])
+    assert ablate.step_budgets(["dense", "conv1d_only"], cli) == {"dense": 160, "conv1d_only": 250}
+    plain = ablate.parse_args(["--configs", "dense", "--steps", "200", "--out", "x.md"])
+    assert ablate.step_budgets(["dense"], plain) == {"dense": 200}
+    with pytest.raises(SystemExit):
+        ablate.parse_args(["--steps", "9", "--equal-time", "--reference", "nope", "--out", "x.md"])
+
+
+def test_predicted_step_times_map_each_configuration_to_its_golf_shape():
+    ms = ablate.predicted_ms(["default", "dense", "train_seq_x2", "conv1d_only", "recur", "parallel"])
+    assert 1.05 < ms["dense"] / ms["default"] < 1.4  # cost_model_8xh100.md: default / attention 0.871 at 1024
+    assert ms["conv1d_only"] < ms["default"] < ms["train_seq_x2"]
+    assert 1.1 < ms["recur"] / ms["default"] < 11 / 9 + 0.01 and ms["parallel"] == pytest.approx(ms["default"])
+
+
+@pytest.mark.slow
+def test_equal_time_table_gives_each_configuration_its_share(smoke_data, tmp_path):
+    args = harness_args(smoke_data, tmp_path, "default,dense", "--steps", "6", "--equal-time")
+    args[args.index("--seeds") + 1] = "1"
+    assert ablate.main(args) == 0
+    text = (tmp_path / "results.md").read_text()
+    ms = ablate.predicted_ms(["default", "dense"])
+    want = ablate.equal_time_steps(6, ms["default"], ms["dense"])
+    assert want < 6 and text.startswith(f"# Ablation, tiny scale, equal predicted 8xH100 time (default: 6 steps at "
+                                        f"{ms['default']:.2f} ms)")
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in text.splitlines() if line.startswith("| ") and "---" not in line and "config" not in line}
+    assert rows["default"][5:8] == ["6", f"{ms['default']:.2f}", "predicted 8xH100 (bench/cost_model.py)"]
+    assert rows["dense"][5:7] == [str(want), f"{ms['dense']:.2f}"] and rows["dense"][-1].startswith(("+", "-"))
+    assert f"hp iterations:{want}" in (tmp_path / "work" / "logs" / "dense_seed1.txt").read_text()

@@ -145,13 +145,13 @@ def test_kernel_path_under_cuda_autocast_is_causal():
         assert (grad[:, t + 1:] == 0).all() and (grad[:, t] != 0).any(), f"logits at {t}"
 
 
-def compiled_kernel_model(monkeypatch: pytest.MonkeyPatch) -> tuple[tg.ConvGPT, torch.nn.Module]:
+def compiled_kernel_model(monkeypatch: pytest.MonkeyPatch, **overrides: str) -> tuple[tg.ConvGPT, torch.nn.Module]:
     """build_model as a GPU run does it: COMPILE on, kernels on (interpreted on CPU, through their fake
     registrations while tracing), torch.compile(fullgraph=True) with inductor, so any graph break fails."""
     monkeypatch.setenv("CONVGPT_TRITON", "1")
     env = dict(NUM_LAYERS="4", MODEL_DIM="64", NUM_HEADS="2", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="128",
                TRAIN_BATCH_TOKENS="1024", MEM_CHUNK="16", MEM_TOPK="2", BIGRAM_BUCKETS="64", BIGRAM_DIM="16",
-               COMPILE="1", SEED="3")
+               COMPILE="1", SEED="3", **overrides)
     args = tg.Hyperparameters.from_env(env)
     lines: list[str] = []
     model, step_model = tg.build_model(args, tg.Dist(0, 1, DEVICE), lines.append)
@@ -194,9 +194,10 @@ def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyP
 def test_compiled_step_split_into_ddp_buckets_keeps_its_gradients(monkeypatch: pytest.MonkeyPatch):
     """What overlaps the gradient all-reduce with the backward on 8 GPUs: the compiled step inside DDP, whose
     DDPOptimizer splits the graph at bucket boundaries (fullgraph still). Small buckets in a one-rank group
-    force several splits here; the split graphs keep the loss and every gradient."""
+    force several splits here; the split graphs keep the loss and every gradient. With issue 25's levers on: a
+    recurring span calls its blocks twice in one graph, and parallel blocks."""
     torch._dynamo.reset()  # else dynamo reuses an earlier test's graph of this model, which DDP never split
-    model, step_model = compiled_kernel_model(monkeypatch)
+    model, step_model = compiled_kernel_model(monkeypatch, RECUR="2-3x2", PARALLEL_FROM="3")
     splits: list[int] = []
     compile_fn = DDPOptimizer.compile_fn
 
