@@ -25,6 +25,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        return next(line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def state_bytes_per_token(cache: dict, length: int) -> dict[str, float]:
     """Bytes per token of context held by the decoding cache, by what holds them."""
     held = {"conv_u": 0, "memory_kv": 0, "ids": cache["ids"].numel() * cache["ids"].element_size()}
@@ -74,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(0)
     model = train_gpt.ConvGPT(args).to(device).eval()
     print(f"decode_setup model_dim:{args.model_dim} num_layers:{args.num_layers} params:{sum(p.numel() for p in model.parameters())} "
-          f"device:{device} cpu:{platform.processor() or platform.machine()} threads:{torch.get_num_threads()} "
+          f"device:{device} cpu:{cpu_name().replace(' ', '_')} threads:{torch.get_num_threads()} "
           f"torch:{torch.__version__}")
     for context in a.contexts:
         r = time_context(model, context, a.new_tokens, device)
