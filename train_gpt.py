@@ -682,8 +682,9 @@ class ConvGPT(nn.Module):
         n = input_ids.shape[1]
         if cache:
             input_ids = torch.cat((cache["ids"], input_ids), 1)
-        if input_ids.shape[1] > self.args.max_seq_len:
-            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than the model's {self.args.max_seq_len}")
+        if input_ids.shape[1] > self.args.max_seq_len or not n:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens ({n} new) is longer than the model's "
+                             f"{self.args.max_seq_len} or adds none")
         if cache is not None:
             cache["ids"] = input_ids
         input_ids = input_ids[:, -n - 2:]  # BigramHash and SmearGate of the first new position read two earlier tokens

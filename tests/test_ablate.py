@@ -192,6 +192,9 @@ def test_equal_time_budgets_follow_the_predicted_step_times(monkeypatch):
     monkeypatch.setattr(ablate, "predicted_ms", lambda names: {"default": 40.0, "dense": 50.0, "conv1d_only": 32.0})
     cli = ablate.parse_args(["--configs", "dense,conv1d_only", "--steps", "200", "--equal-time", "--out", "x.md"])
     assert ablate.step_budgets(["dense", "conv1d_only"], cli) == {"dense": 160, "conv1d_only": 250}
+    other = ablate.parse_args(["--configs", "default,conv1d_only", "--steps", "200", "--equal-time", "--reference",
+                               "dense", "--out", "x.md"])
+    assert ablate.step_budgets(["default", "conv1d_only"], other) == {"default": 250, "conv1d_only": 312}
     plain = ablate.parse_args(["--configs", "dense", "--steps", "200", "--out", "x.md"])
     assert ablate.step_budgets(["dense"], plain) == {"dense": 200}
     with pytest.raises(SystemExit):

@@ -224,3 +224,16 @@ def test_an_undefined_dependency_stops_the_export(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setattr(export_hf, "NEEDED", needed)
     with pytest.raises(export_hf.FatalError, match="uses apply_rotary but does not define it"):
         export_hf.modeling_source()
+
+
+def test_padding_and_foreign_caches_are_refused(exported: Path) -> None:
+    """No padding (a 0 in attention_mask) and no transformers cache: either would decode the wrong positions."""
+    module = export_hf.import_modeling(exported / "modeling_convgpt.py")
+    model = module.ConvGPTForCausalLM.from_pretrained(exported).eval()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    with torch.no_grad():
+        assert model(ids, attention_mask=torch.ones_like(ids)).logits.shape == (1, 4, 1024)
+        with pytest.raises(ValueError, match="no padding"):
+            model(ids, attention_mask=torch.tensor([[0, 1, 1, 1]]))
+        with pytest.raises(TypeError, match="ConvGPTCache"):
+            model(ids, cache={})

@@ -86,8 +86,25 @@ def test_decoder_refuses_to_run_past_the_longest_sequence() -> None:
         model.forward_logits(tokens(1, 64), cache)
         with pytest.raises(ValueError, match="longer than the model's 64"):
             model.forward_logits(tokens(1, 1), cache)
-    assert {key: tuple(t.shape) for key, t in cache[0].items()} == {"u": (1, 64, 64)}  # the refused token left no trace
+        with pytest.raises(ValueError, match="adds none"):  # an empty step would re-append the context rows
+            model.forward_logits(tokens(1, 1)[:, :0], cache)
+    assert {key: tuple(t.shape) for key, t in cache[0].items()} == {"u": (1, 64, 64)}  # the refused steps left no trace
     assert tuple(cache["ids"].shape) == (1, 64)
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="the kernels run on CPU only in Triton's "
+                    "interpreter; on a GPU they run compiled")
+def test_decoding_with_the_kernels_switched_on_stays_on_the_reference_path() -> None:
+    """The kernels take whole sequences only; with a cache both mixers must take their reference path."""
+    model = random_model(TRAIN_SEQ_LEN="128", MEM_CHUNK="16", MEM_TOPK="2")
+    ids = tokens(1, 128)
+    with torch.no_grad():
+        full = model.forward_logits(ids)
+        train_gpt.set_triton(model, True)
+        cache = {}
+        out = [model.forward_logits(ids[:, :50], cache), model.forward_logits(ids[:, 50:100], cache)]  # a block of
+        out += [model.forward_logits(ids[:, t:t + 1], cache) for t in range(100, 128)]  # 50 new: routed, not dense
+    assert float((torch.cat(out, 1) - full).abs().max()) <= PARITY_ATOL
 
 
 @pytest.mark.parametrize("topk", [0, 2, 1000])
@@ -132,7 +149,31 @@ class Scripted:
     def forward_logits(self, ids: torch.Tensor, cache: dict) -> torch.Tensor:
         self.calls.append(ids.shape[1])
         step = len(self.calls) - 1
-        return torch.nn.functional.one_hot(self.script[:, step], 8).float()[:, None].expand(-1, ids.shape[1], -1)
+        return torch.nn.functional.one_hot(self.script[:, step], 32).float()[:, None].expand(-1, ids.shape[1], -1)
+
+
+class Pieces:
+    """A stand-in tokenizer: a piece per character (ids from 10), decoded back."""
+
+    def encode(self, text: str) -> list[int]:
+        return [10 + ord(c) - ord("a") for c in text]
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(chr(ord("a") + i - 10) if i >= 10 else "?" for i in ids)
+
+
+def test_sample_prompts_cut_each_sample_at_its_bos_and_keep_the_prompt_order() -> None:
+    model = Scripted([[1, 12, 12], [13, 1, 12]])  # the rows of prompts "ab" and "cd" (one batch: 3 tokens each)
+    model.args = train_gpt.Hyperparameters(train_seq_len=8)
+    samples = sample.sample_prompts(model, Pieces(), ["ab", "cd"], 3, 0.0, 0, 1)
+    assert [(s.prompt, s.ids, s.text) for s in samples] == [("ab", [], "ab"), ("cd", [13], "cdd")]
+
+
+def test_prompt_and_new_tokens_must_fit_the_longest_sequence() -> None:
+    """The last new token is never fed back: prompt + new - 1 positions must fit."""
+    assert sample.encode(Pieces(), ["abcd"], 8, 4) == [[1, 10, 11, 12, 13]]  # 5 + 4 - 1 = 8 positions
+    with pytest.raises(train_gpt.FatalError, match="prompt 1 is 5 tokens"):
+        sample.encode(Pieces(), ["abcd"], 8, 5)
 
 
 def test_generate_feeds_one_token_per_step_and_stops_each_row_at_bos() -> None:
@@ -166,13 +207,15 @@ def test_sample_cli_prints_greedy_text_from_an_artifact(tiny_run: dict, tmp_path
     assert f"--- prompt: one\n{s.text}\n" in first.stdout and s.text.startswith("one")
 
 
-@pytest.mark.parametrize("case", ["mismatch", "tokenizer", "too_long", "no_prompt", "no_log"])
+@pytest.mark.parametrize("case", ["mismatch", "tokenizer", "too_long", "no_prompt", "no_log", "nan", "not_sp",
+                                  "not_utf8"])
 def test_sample_cli_bad_input_is_one_error_line(tiny_run: dict, tmp_path, case: str) -> None:
     base = {"--artifact": str(tiny_run["artifact"]), "--log": str(tiny_run["log"]),
             "--tokenizer": str(tiny_run["tokenizer"]), "--prompt": "the cat", "--max-new-tokens": "4"}
     env, want = None, {"mismatch": "does not match the model settings", "tokenizer": "does not exist",
                        "too_long": "exceeds the model's longest sequence of 64", "no_prompt": "no prompt",
-                       "no_log": "cannot be read"}[case]
+                       "no_log": "cannot be read", "nan": "--temperature finite",
+                       "not_sp": "is not a sentencepiece model", "not_utf8": "is not UTF-8 text"}[case]
     if case == "mismatch":  # the settings from the environment, one of them not the run's
         del base["--log"]
         env = {**os.environ, **TINY_ENV, "MODEL_DIM": "32"}
@@ -182,8 +225,16 @@ def test_sample_cli_bad_input_is_one_error_line(tiny_run: dict, tmp_path, case: 
         base["--max-new-tokens"] = "60"
     elif case == "no_prompt":
         del base["--prompt"]
-    else:
+    elif case == "no_log":
         base["--log"] = str(tmp_path / "absent.txt")
+    elif case == "nan":
+        base["--temperature"] = "nan"
+    elif case == "not_sp":
+        (tmp_path / "bad.model").write_bytes(b"not a model")
+        base["--tokenizer"] = str(tmp_path / "bad.model")
+    else:
+        (tmp_path / "p.txt").write_bytes(b"\xff\xfe bad")
+        base["--prompt-file"] = str(tmp_path / "p.txt")
     result = run_sample(*[x for pair in base.items() for x in pair], env=env)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], result.stderr

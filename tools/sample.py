@@ -12,7 +12,8 @@ Runbook
 
 Invariants
   * The decoder is ConvGPT.forward_logits with a cache (train_gpt.py): the same modules and the same math as the
-    trainer's forward. Its logits equal the full forward's at every position (tests/test_sample.py, four layouts).
+    trainer's forward. Its logits equal the full forward's at every position (tests/test_sample.py, five layouts).
+    A cache is filled block by block: after an exception inside a step, start a new one.
   * The weights are the artifact's, dequantized, on the PyTorch reference path (no Triton), in fp32.
   * Bad input (artifact and settings that disagree, a missing tokenizer, a prompt that does not fit the model's
     longest sequence): one "error: ..." line on stderr, exit code 2.
@@ -21,6 +22,7 @@ Invariants
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -59,15 +61,19 @@ def load_tokenizer(path: str):
     import sentencepiece as spm
     if not Path(path).is_file():
         raise train_gpt.FatalError(f"tokenizer {path} does not exist (set --tokenizer or TOKENIZER_PATH)")
-    return spm.SentencePieceProcessor(model_file=path)
+    try:
+        return spm.SentencePieceProcessor(model_file=path)
+    except (RuntimeError, OSError) as e:
+        raise train_gpt.FatalError(f"tokenizer {path} is not a sentencepiece model ({' '.join(str(e).split())[:200]})") from None
 
 
 def encode(sp, prompts: list[str], max_seq_len: int, max_new_tokens: int) -> list[list[int]]:
-    """[BOS] + pieces per prompt; each must leave room for max_new_tokens in the model's longest sequence."""
+    """[BOS] + pieces per prompt; each must leave room for max_new_tokens in the model's longest sequence (the last
+    new token is never fed back, so prompt + max_new_tokens - 1 positions must fit)."""
     out = []
     for i, prompt in enumerate(prompts):
         ids = [train_gpt.BOS_ID, *sp.encode(prompt)]
-        if len(ids) + max_new_tokens > max_seq_len:
+        if len(ids) + max_new_tokens - 1 > max_seq_len:
             raise train_gpt.FatalError(f"prompt {i + 1} is {len(ids)} tokens (BOS included): with --max-new-tokens "
                                        f"{max_new_tokens} it exceeds the model's longest sequence of {max_seq_len}")
         out.append(ids)
@@ -146,10 +152,12 @@ def prompts_of(args: argparse.Namespace) -> list[str]:
             prompts += [line for line in Path(args.prompt_file).read_text().splitlines() if line.strip()]
         except OSError as e:
             raise train_gpt.FatalError(f"--prompt-file {args.prompt_file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise train_gpt.FatalError(f"--prompt-file {args.prompt_file} is not UTF-8 text") from None
     if not prompts:
         raise train_gpt.FatalError("no prompt: give --prompt TEXT or --prompt-file FILE")
-    if args.max_new_tokens < 1 or args.temperature < 0 or args.top_k < 0:
-        raise train_gpt.FatalError("--max-new-tokens must be >= 1, --temperature and --top-k >= 0")
+    if args.max_new_tokens < 1 or not (math.isfinite(args.temperature) and args.temperature >= 0) or args.top_k < 0:
+        raise train_gpt.FatalError("--max-new-tokens must be >= 1, --temperature finite and >= 0, --top-k >= 0")
     return prompts
 
 
