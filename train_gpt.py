@@ -42,7 +42,6 @@ import inspect
 import itertools
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, fields
@@ -80,7 +79,6 @@ SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is 
 CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
-RECUR_FORMAT = re.compile(r"(\d+)-(\d+)x(\d+)")  # RECUR="A-BxN"
 PRESETS = {  # PRESET=name sets these defaults together; a setting given in the environment still wins
     "sp8192": {"VOCAB_SIZE": "8192", "DATA_PATH": "./data/datasets/fineweb10B_sp8192",
                "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model", "NUM_LAYERS": "8", "MLP_MULT": "2.5",
@@ -143,7 +141,6 @@ class Hyperparameters:
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
-    recur: str = ""  # depth recurrence "A-BxN": blocks A..B (counted from 1) run N times in a row; "" = off
     parallel_from: int = 0  # blocks from this one on (counted from 1) add mixer and MLP of one input; 0 = off
     body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); the baseline's is rms_norm's dtype
     # optimizer (learning rates are peak values)
@@ -203,15 +200,6 @@ class Hyperparameters:
     def max_seq_len(self) -> int:
         return max(self.train_seq_len, self.eval_len)
 
-    @property
-    def block_order(self) -> list[int]:
-        """The blocks' indices in forward order: RECUR="A-BxN" repeats blocks A..B (from 1) N - 1 more times."""
-        order, span = list(range(self.num_layers)), RECUR_FORMAT.fullmatch(self.recur)
-        if span is None:
-            return order
-        a, b, n = (int(v) for v in span.groups())
-        return order[:b] + order[a - 1:b] * (n - 1) + order[b:]
-
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Hyperparameters:
         env = os.environ if env is None else env
@@ -261,9 +249,6 @@ class Hyperparameters:
              f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
-            (self.recur == "" or (m := RECUR_FORMAT.fullmatch(self.recur)) is not None
-             and 1 <= int(m[1]) <= int(m[2]) <= self.num_layers and int(m[3]) >= 2,
-             f"RECUR={self.recur!r} must be empty or A-BxN with 1 <= A <= B <= NUM_LAYERS={self.num_layers}, N >= 2"),
             (0 <= self.parallel_from <= self.num_layers,
              f"PARALLEL_FROM={self.parallel_from} must lie in 0..NUM_LAYERS={self.num_layers}"),
         ]
@@ -666,7 +651,7 @@ class ConvGPT(nn.Module):
                 n_mem += 1
             else:
                 blocks.append(Block(args, ConvMix(args, tap_table), parallel))
-        self.blocks, self.order = nn.ModuleList(blocks), args.block_order
+        self.blocks = nn.ModuleList(blocks)
         self.lm_head = None if args.tie_embeddings else CastedLinear(d, args.vocab_size, zero_init=True)
         self.body_dtype = torch.float32  # the residual stream's; build_model sets body_dtype(args, device)
 
@@ -694,8 +679,8 @@ class ConvGPT(nn.Module):
         if self.smear is not None:
             x = self.smear_previous(x, input_ids)
         x0 = x = rms_norm(x[:, -n:]).to(self.body_dtype)
-        for i, j in enumerate(self.order):  # a block that recurs has a decoding cache per pass
-            x = self.blocks[j](x, x0, None if cache is None else cache.setdefault(i, {}))
+        for i, block in enumerate(self.blocks):
+            x = block(x, x0, None if cache is None else cache.setdefault(i, {}))
         x = rms_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else F.linear(x, self.tok_emb.weight.to(x.dtype))
         cap = self.args.logit_softcap

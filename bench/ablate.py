@@ -78,7 +78,6 @@ CONFIGS: dict[str, dict[str, str]] = {
     "train_seq_x2": {},  # TRAIN_SEQ_LEN and EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN (golf: 2048)
     "eval_seq_x2": {},  # EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN
     "ttt": {"TTT_EPOCHS": "3", "TTT_CHUNK_TOKENS": "32768"},
-    "recur": {"RECUR": "2-3x2"},  # depth recurrence: blocks 2-3 twice (the records re-ran two middle layers)
     "parallel": {"PARALLEL_FROM": "4"},  # parallel residuals from block 4 on (proxy: the last 2 of 5)
 }
 VAL_SLICE_TOKENS = {"proxy": 131_072}  # validation targets the scale scores: the first N + 1 tokens of the val shards

@@ -27,7 +27,7 @@ CONFIGS = {
     "rope_half_untied_relu2": {"MEM_ROPE": "half", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
     "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
-    "recur_parallel": {"RECUR": "2-3x2", "PARALLEL_FROM": "3"},  # issue 25's levers
+    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's lever
 }
 
 
@@ -134,14 +134,9 @@ def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
         torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
-def test_recurrence_runs_the_span_again_and_parallel_blocks_read_one_input():
-    model = random_model({"RECUR": "2-3x3", "PARALLEL_FROM": "4"})
-    assert model.order == [0, 1, 2, 1, 2, 1, 2, 3] and [b.parallel for b in model.blocks] == [False] * 3 + [True]
-    calls = []
-    for i, block in enumerate(model.blocks):
-        block.register_forward_hook(lambda module, args, out, i=i: calls.append(i))
-    model.forward_logits(token_batch())
-    assert calls == model.order
+def test_parallel_blocks_read_one_input():
+    model = random_model({"PARALLEL_FROM": "4"})
+    assert [b.parallel for b in model.blocks] == [False] * 3 + [True]
     block, x, x0 = model.blocks[3], torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     with torch.no_grad():
         h = block.resid_mix[0] * x + block.resid_mix[1] * x0
@@ -149,12 +144,6 @@ def test_recurrence_runs_the_span_again_and_parallel_blocks_read_one_input():
         torch.testing.assert_close(block(x, x0), want)
         block.parallel = False
         assert not torch.allclose(block(x, x0), want)
-
-
-@pytest.mark.parametrize("recur", ["3-2x2", "0-1x2", "1-5x2", "2-3x1", "2-3", "2-3x2x2"])
-def test_bad_recurrence_spans_are_refused(recur):
-    with pytest.raises(tg.FatalError, match="RECUR"):
-        random_model({"RECUR": recur})
 
 
 def test_smear_gate_never_blends_into_bos_or_position_zero():

@@ -20,7 +20,7 @@ LAYOUTS = {  # the decoder must match the full forward in each (issue 24)
     "dense": {"MEM_EVERY": "1", "MEM_TOPK": "1000000"},
     "conv1d_only": {"CONV2D_K": "0"},
     "half_rope": {"MEM_ROPE": "half", "NUM_LAYERS": "8"},
-    "recur_parallel": {"RECUR": "2-3x2", "PARALLEL_FROM": "3"},  # a recurring block keeps a cache per pass
+    "parallel": {"PARALLEL_FROM": "3"},
 }
 SEQ = 1024
 PARITY_ATOL = 1e-4  # fp32 logits, issue 24

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, fields
 
 import numpy as np
