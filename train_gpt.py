@@ -550,7 +550,7 @@ class ConvMix(nn.Module):
 
 def causal_depthwise_conv(x: Tensor, w: Tensor, past: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """y_t = sum_j w[:, j] x_(t-j) over [B, T, C] with w [C, K]; past holds the K - 1 inputs before x (None = zeros).
-    Returns y and the last K - 1 inputs, the next call's past. Shifted sums, which torch.compile fuses into one
+    Returns y and the last K - 1 inputs, the next call's past. Shifted sums: torch.compile fuses the forward into one
     pointwise kernel."""
     K, T = w.shape[1], x.shape[1]
     x = torch.cat((x.new_zeros(x.shape[0], K - 1, x.shape[2]) if past is None else past, x), 1)

@@ -25,10 +25,11 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
        and factories move nothing), as eager PyTorch would move them. The custom ops count what their kernels read
        and write, plus the .contiguous() copies that their wrappers make of strided inputs. MEM_CONV's shifted
        sums (train_gpt.causal_depthwise_conv) count as the one pass inductor fuses them into: x in, y out. The
-       chunk memory's per-pair traffic is counted apart, for the whole step (partial_bytes): each (query, chunk) pair's gathered q
-       row (and q and dO in the backward), its partial output (q's dtype) and lse written and merged, its dQ share
-       (fp32) written and read once by the slot sum (unused slots are neither zeroed nor read). dK and dV are summed
-       over the GQA group in the backward kernel's registers, so they move nothing beyond the op's own outputs.
+       chunk memory's per-pair traffic is counted apart, for the whole step (partial_bytes): each (query, chunk)
+       pair's gathered q row (and q and dO in the backward), its partial output (q's dtype) and lse written and
+       merged, its dQ share (fp32) written and read once by the slot sum (unused slots are neither zeroed nor
+       read). dK and dV are summed over the GQA group in the backward kernel's registers, so they move nothing
+       beyond the op's own outputs.
   2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention and the
      chunk memory 3.5x (2 forward + 5 backward matmul passes, over 2: the memory's one backward kernel recomputes
      S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients),

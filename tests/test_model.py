@@ -154,6 +154,7 @@ def test_mem_conv_is_a_residual_causal_depthwise_conv_that_starts_as_identity():
     want = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w.flip(1)[:, None], groups=5).transpose(1, 2)
     torch.testing.assert_close(y, want)
     assert torch.equal(past, x[:, -3:])
+    assert tg.causal_depthwise_conv(x.bfloat16(), w.bfloat16())[0].dtype == torch.bfloat16
     y1, p1 = tg.causal_depthwise_conv(x[:, :1], w)
     y2, p2 = tg.causal_depthwise_conv(x[:, 1:3], w, p1)
     torch.testing.assert_close(torch.cat((y1, y2, tg.causal_depthwise_conv(x[:, 3:], w, p2)[0]), 1), y)
