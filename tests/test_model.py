@@ -30,6 +30,7 @@ CONFIGS = {
     "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
     "parallel": {"PARALLEL_FROM": "3"},  # issue 25's levers
     "mem_conv": {"MEM_CONV": "4"},
+    "route_pre_rope": {"ROUTE_PRE_ROPE": "1"},
 }
 
 
@@ -64,7 +65,7 @@ def kernel_cases(*cases: tuple) -> list:
 # the configurations that exercise them
 CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + kernel_cases(
     ("default", True, True), ("rope_half_untied_relu2", False, True), ("conv1d_only", False, True),
-    ("no_bigram_dilated", False, True), ("mem_conv", False, True))
+    ("no_bigram_dilated", False, True), ("mem_conv", False, True), ("route_pre_rope", False, True))
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -168,6 +169,27 @@ def test_mem_conv_is_a_residual_causal_depthwise_conv_that_starts_as_identity():
         for block in conv.blocks[1::2]:
             block.mixer.conv.zero_()
         torch.testing.assert_close(conv.forward_logits(ids), plain.forward_logits(ids))
+
+
+def test_route_pre_rope_ranks_chunks_on_the_unrotated_queries_and_keys(monkeypatch: pytest.MonkeyPatch):
+    model = random_model({"ROUTE_PRE_ROPE": "1", "MEM_ROPE": "half", "NUM_LAYERS": "4"})
+    calls, memory = [], tg.chunk_memory_ref
+
+    def spy(q, k, v, chunk, topk, route=None):
+        calls.append((q, k, route))
+        return memory(q, k, v, chunk, topk, route)
+
+    monkeypatch.setattr(tg, "chunk_memory_ref", spy)
+    with torch.no_grad():
+        routed = model.forward_logits(token_batch())
+    (q, k, (rq, rk)), (_, _, unrotated) = calls  # memory layer 1 has RoPE, layer 2 none (MEM_ROPE=half)
+    assert unrotated is None
+    torch.testing.assert_close(tg.apply_rotary(rq, model.args.rope_base), q)
+    torch.testing.assert_close(tg.apply_rotary(rk, model.args.rope_base), k)
+    rotated = tg.ConvGPT(dataclasses.replace(model.args, route_pre_rope=False))
+    rotated.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        assert not torch.allclose(rotated.forward_logits(token_batch()), routed)
 
 
 def test_smear_gate_never_blends_into_bos_or_position_zero():
