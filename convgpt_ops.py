@@ -711,7 +711,8 @@ def chunk_memory_from_picks(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chun
 
 def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int,
                         route: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Drop-in for convgpt_ops.chunk_memory_ref: route in PyTorch (no gradient), attend with the Triton op."""
+    """Drop-in for convgpt_ops.chunk_memory_ref: the chunk picks in PyTorch (no gradient), the attention in the
+    Triton op."""
     check_chunk_memory_inputs(q, k, v, chunk)
     with torch.no_grad():
         picks = chunk_picks(*(t.detach() for t in route or (q, k)), chunk, topk)

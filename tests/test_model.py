@@ -119,7 +119,7 @@ def test_every_parameter_gets_a_gradient_from_one_step(name):
 
 @pytest.mark.slow
 @INTERPRETED
-@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2"])
+@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2", "route_pre_rope"])
 def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
     """CONVGPT_TRITON=1 against 0 on the whole model: the kernels (interpreted on CPU) against the reference."""
     ids, targets = token_batch(1), token_batch(2)
