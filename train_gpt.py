@@ -142,7 +142,6 @@ class Hyperparameters:
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
     parallel_from: int = 0  # blocks from this one on (counted from 1) add mixer and MLP of one input; 0 = off
-    mem_conv: int = 0  # taps of a residual causal depthwise conv on each memory block's input (Canon-style); 0 = off
     route_pre_rope: bool = False  # RoPE memory layers pick chunks by queries and mean keys before the rotation
     body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); the baseline's is rms_norm's dtype
     # optimizer (learning rates are peak values)
@@ -253,7 +252,6 @@ class Hyperparameters:
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
             (0 <= self.parallel_from <= self.num_layers,
              f"PARALLEL_FROM={self.parallel_from} must lie in 0..NUM_LAYERS={self.num_layers}"),
-            (self.mem_conv >= 0, f"MEM_CONV={self.mem_conv} must be >= 0"),
         ]
         checks += [(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
                    for name, allowed in CHOICES.items()]
@@ -549,24 +547,11 @@ class ConvMix(nn.Module):
         return self.w_out(gated_gather_conv_ref(u, g, table, w))
 
 
-def causal_depthwise_conv(x: Tensor, w: Tensor, past: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """y_t = sum_j w[:, j] x_(t-j) over [B, T, C] with w [C, K]; past holds the K - 1 inputs before x (None = zeros).
-    Returns y and the last K - 1 inputs, the next call's past. Shifted sums: torch.compile fuses the forward into one
-    pointwise kernel."""
-    K, T = w.shape[1], x.shape[1]
-    x = torch.cat((x.new_zeros(x.shape[0], K - 1, x.shape[2]) if past is None else past, x), 1)
-    y = w[:, 0] * x[:, K - 1:]
-    for j in range(1, K):
-        y = y + w[:, j] * x[:, K - 1 - j:K - 1 - j + T]
-    return y, x[:, T:]
-
-
 class ChunkMemory(nn.Module):
     """Grouped-head attention of each token over its own chunk (causally) and its top-k complete earlier
-    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions. MEM_CONV: the input first gets
-    a residual causal depthwise conv (zero-initialised). ROUTE_PRE_ROPE: chunks are ranked on q and k before RoPE.
-    A decoding cache holds the keys and values of every earlier position (and the routing keys), and the conv's
-    last inputs."""
+    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions. ROUTE_PRE_ROPE: chunks are ranked
+    on q and k before RoPE. A decoding cache holds the keys and values of every earlier position (and the routing
+    keys)."""
 
     def __init__(self, args: Hyperparameters, use_rope: bool):
         super().__init__()
@@ -576,16 +561,10 @@ class ChunkMemory(nn.Module):
         self.kv = CastedLinear(d, 2 * args.num_kv_heads * args.head_dim)
         self.proj = CastedLinear(d, d, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((args.num_heads,), QK_GAIN_INIT))
-        self.conv = nn.Parameter(torch.zeros(d, args.mem_conv)) if args.mem_conv else None
         self.triton = False
 
     def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
         a, (B, T, _), start = self.args, x.shape, cache["k"].shape[2] if cache else 0
-        if self.conv is not None:
-            y, past = causal_depthwise_conv(x, self.conv.to(x.dtype), cache["x"] if start else None)
-            if cache is not None:
-                cache["x"] = past
-            x = x + y
         q = rms_norm(self.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2))
         k, v = self.kv(x).view(B, T, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).chunk(2, 1)
         k, gain = rms_norm(k), self.q_gain.to(q.dtype)[:, None, None]

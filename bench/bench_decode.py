@@ -35,14 +35,12 @@ def cpu_name() -> str:
 
 
 def state_bytes_per_token(cache: dict, length: int) -> dict[str, float]:
-    """Bytes per token of context held by the decoding cache, by what holds them (MEM_CONV's last inputs are a
-    fixed K - 1 rows per memory layer, not per token: left out)."""
+    """Bytes per token of context held by the decoding cache, by what holds them."""
     held = {"conv_u": 0, "memory_kv": 0, "ids": cache["ids"].numel() * cache["ids"].element_size()}
     for key, layer in cache.items():
         if key != "ids":
             for name, t in layer.items():
-                if name != "x":
-                    held["conv_u" if name == "u" else "memory_kv"] += t.numel() * t.element_size()
+                held["conv_u" if name == "u" else "memory_kv"] += t.numel() * t.element_size()
     return {name: value / length for name, value in held.items()}
 
 

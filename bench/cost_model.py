@@ -23,13 +23,11 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
        at most one partly filled tile per picked key chunk (schedule_bound_ratio);
      * bytes: every non-matmul aten op's inputs plus outputs (views, aliases such as matmul outputs' _unsafe_view,
        and factories move nothing), as eager PyTorch would move them. The custom ops count what their kernels read
-       and write, plus the .contiguous() copies that their wrappers make of strided inputs. MEM_CONV's shifted
-       sums (train_gpt.causal_depthwise_conv) count as the one pass inductor fuses them into: x in, y out. The
-       chunk memory's per-pair traffic is counted apart, for the whole step (partial_bytes): each (query, chunk)
-       pair's gathered q row (and q and dO in the backward), its partial output (q's dtype) and lse written and
-       merged, its dQ share (fp32) written and read once by the slot sum (unused slots are neither zeroed nor
-       read). dK and dV are summed over the GQA group in the backward kernel's registers, so they move nothing
-       beyond the op's own outputs.
+       and write, plus the .contiguous() copies that their wrappers make of strided inputs. The chunk memory's
+       per-pair traffic is counted apart, for the whole step (partial_bytes): each (query, chunk) pair's gathered q
+       row (and q and dO in the backward), its partial output (q's dtype) and lse written and merged, its dQ share
+       (fp32) written and read once by the slot sum (unused slots are neither zeroed nor read). dK and dV are summed
+       over the GQA group in the backward kernel's registers, so they move nothing beyond the op's own outputs.
   2. Training multipliers: matmuls 3x the forward (forward, grad of input, grad of weight); FlashAttention and the
      chunk memory 3.5x (2 forward + 5 backward matmul passes, over 2: the memory's one backward kernel recomputes
      S and P, then dV, dP, dK and dQ); bytes 3x (the backward reads what the forward saved and writes gradients),
@@ -238,11 +236,6 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
         counter.add(*strided_copies(u, g), u, g, u, u)
         return torch.empty_like(u), torch.empty_like(u)
 
-    def causal_depthwise_conv(x, w, past=None):  # one pass, as inductor fuses the shifted sums: reads x, writes y
-        y = torch.empty_like(x)
-        counter.add(x, y)
-        return y, x[:, :w.shape[1] - 1]
-
     model = train_gpt.ConvGPT(args)
     train_gpt.set_triton(model, True)
     model = model.to("meta", torch.bfloat16 if bf16_params else torch.float32)
@@ -260,8 +253,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     with mock.patch.object(train_gpt, "chunk_memory_triton", memory), \
             mock.patch.object(train_gpt, "chunk_memory_ref", memory), \
             mock.patch.object(train_gpt, "gated_gather_conv", gated_gather_conv), counter, CudaAutocastDtypes(), \
-            mock.patch.object(train_gpt, "rms_norm", rms_norm), \
-            mock.patch.object(train_gpt, "causal_depthwise_conv", causal_depthwise_conv):
+            mock.patch.object(train_gpt, "rms_norm", rms_norm):
         model(tokens, tokens)
     per_token, n = flops.per_token, tokens.numel()
     matrices = [m.weight for m in train_gpt.block_matrices(model).values()]

@@ -113,16 +113,6 @@ def test_matmuls_and_aliases_move_no_bytes_but_copies_do():
     assert counter.by_part == {"other": 2 * x.numel() * x.element_size()}
 
 
-def test_mem_conv_costs_one_fused_pass_and_its_residual_add():
-    """Per memory layer and token: the conv reads x and writes y (one pass, as inductor fuses the shifted sums), the
-    residual add reads both and writes one; bf16 stream. The eager sums would be K multiplies and K - 1 adds."""
-    a = Hyperparameters()
-    plain, conv = (cost_model.forward_work(replace(a, mem_conv=k), 1024, 1.0, False) for k in (0, 4))
-    n_mem, bf16 = a.num_layers // a.mem_every, 2
-    extra = conv.bytes_by_part["memory"] - plain.bytes_by_part["memory"]
-    assert extra == pytest.approx(n_mem * 5 * a.model_dim * bf16, abs=1.0)  # + the [d, K] weight cast, per token
-
-
 def test_bf16_body_cuts_float_activation_bytes_and_strided_inputs_cost_copies():
     a = Hyperparameters()
     assert a.body_dtype == "bf16"

@@ -58,8 +58,6 @@ def test_cli_reads_the_trainer_settings(capsys):
     assert flops.main([], {"MEM_TOPK": "x"}) == 2 and "MEM_TOPK='x' is not a valid int" in capsys.readouterr().err
 
 
-def test_levers_without_matmuls_cost_the_same_flops():
-    """Parallel blocks move no work; MEM_CONV's shifted sums are pointwise (the cost model counts their bytes)."""
+def test_parallel_blocks_cost_the_same():
     a = flops.count_forward_flops(Hyperparameters())
     assert flops.count_forward_flops(Hyperparameters(parallel_from=5)).per_token == pytest.approx(a.per_token)
-    assert flops.count_forward_flops(Hyperparameters(mem_conv=4)).per_token == pytest.approx(a.per_token)

@@ -29,7 +29,6 @@ CONFIGS = {
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
     "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
     "parallel": {"PARALLEL_FROM": "3"},  # issue 25's levers
-    "mem_conv": {"MEM_CONV": "4"},
     "route_pre_rope": {"ROUTE_PRE_ROPE": "1"},
 }
 
@@ -65,7 +64,7 @@ def kernel_cases(*cases: tuple) -> list:
 # the configurations that exercise them
 CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + kernel_cases(
     ("default", True, True), ("rope_half_untied_relu2", False, True), ("conv1d_only", False, True),
-    ("no_bigram_dilated", False, True), ("mem_conv", False, True), ("route_pre_rope", False, True))
+    ("no_bigram_dilated", False, True), ("route_pre_rope", False, True))
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -147,28 +146,6 @@ def test_parallel_blocks_read_one_input():
         torch.testing.assert_close(block(x, x0), want)
         block.parallel = False
         assert not torch.allclose(block(x, x0), want)
-
-
-def test_mem_conv_is_a_residual_causal_depthwise_conv_that_starts_as_identity():
-    x, w = torch.randn(2, 9, 5), torch.randn(5, 4)
-    y, past = tg.causal_depthwise_conv(x, w)
-    want = F.conv1d(F.pad(x.transpose(1, 2), (3, 0)), w.flip(1)[:, None], groups=5).transpose(1, 2)
-    torch.testing.assert_close(y, want)
-    assert torch.equal(past, x[:, -3:])
-    assert tg.causal_depthwise_conv(x.bfloat16(), w.bfloat16())[0].dtype == torch.bfloat16
-    y1, p1 = tg.causal_depthwise_conv(x[:, :1], w)
-    y2, p2 = tg.causal_depthwise_conv(x[:, 1:3], w, p1)
-    torch.testing.assert_close(torch.cat((y1, y2, tg.causal_depthwise_conv(x[:, 3:], w, p2)[0]), 1), y)
-    conv = random_model({"MEM_CONV": "4"})
-    assert not tg.ConvGPT(conv.args).blocks[1].mixer.conv.any()  # zero-initialised
-    plain = tg.ConvGPT(dataclasses.replace(conv.args, mem_conv=0))
-    plain.load_state_dict({k: v for k, v in conv.state_dict().items() if not k.endswith("mixer.conv")})
-    ids = token_batch()
-    with torch.no_grad():
-        assert not torch.allclose(conv.forward_logits(ids), plain.forward_logits(ids))
-        for block in conv.blocks[1::2]:
-            block.mixer.conv.zero_()
-        torch.testing.assert_close(conv.forward_logits(ids), plain.forward_logits(ids))
 
 
 def test_route_pre_rope_ranks_chunks_on_the_unrotated_queries_and_keys(monkeypatch: pytest.MonkeyPatch):

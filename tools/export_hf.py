@@ -67,8 +67,7 @@ NEEDED = {
     "train_gpt.py": ("BOS_ID", "GLOBAL_MICROBATCHES", "TIED_EMBED_INIT_STD", "QK_GAIN_INIT", "SMEAR_INIT",
                      "LEAKY_SLOPE", "BIGRAM_HASH", "BIGRAM_SCALE_INIT", "PRESETS", "CHOICES",
                      "FatalError", "Hyperparameters", "parse_value", "rms_norm", "CastedLinear", "apply_rotary",
-                     "TapTable", "ConvMix", "causal_depthwise_conv", "ChunkMemory", "MLP", "Block", "BigramHash",
-                     "ConvGPT"),
+                     "TapTable", "ConvMix", "ChunkMemory", "MLP", "Block", "BigramHash", "ConvGPT"),
 }
 TRITON_ONLY = ("gated_gather_conv", "chunk_memory_triton", "fake_quant_int6")  # called only with .triton / .qat on
 ALLOWED_IMPORTS = {"torch", "numpy", "transformers", *sys.stdlib_module_names}
