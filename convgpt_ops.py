@@ -12,9 +12,8 @@ What is here
   chunk_picks(q, k, chunk, topk) / chunk_routing(...): which complete earlier chunks each (head, query token)
       reads, as indices (what the kernels take) or as a mask (what the reference takes).
   memory_schedule(picks, chunk): the kernels' key-chunk-major work lists, built once for forward and backward.
-  chunk_memory_ref(q, k, v, chunk, topk, route=None) / chunk_memory_triton(...): sparse chunk-token attention,
-      q [B, H, T, D], k/v [B, Hkv, T, D] of one dtype (compiled: bf16/fp16); routing stays in PyTorch, on
-      route = (queries, keys) of q's and k's shapes if given (ROUTE_PRE_ROPE: the unrotated ones).
+  chunk_memory_ref(q, k, v, chunk, topk) / chunk_memory_triton(...): sparse chunk-token attention,
+      q [B, H, T, D], k/v [B, Hkv, T, D] of one dtype (compiled: bf16/fp16); routing stays in PyTorch.
   triton_enabled(device): the switch. CONVGPT_TRITON=1 forces the kernels, 0 the reference, unset means
       kernels exactly on CUDA; on CPU the kernels need Triton's interpreter (TRITON_INTERPRET=1).
   launch_*: the kernel launches, shared by the ops and bench/kernel_resources.py (sm_90 compile, no GPU).
@@ -361,10 +360,9 @@ def chunk_routing(q: Tensor, k: Tensor, chunk: int, topk: int) -> Tensor:
     return mask.scatter(-1, picks, True)[..., :n_past]
 
 
-def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int,
-                      route: tuple[Tensor, Tensor] | None = None) -> torch.Tensor:
+def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
     """Bool [B, H, Tq, T]: key s is visible to query t if s is in t's chunk and s <= t, or s lies in a chunk
-    that chunk_routing picked for (head, t), on route's queries and keys if given (of q's and k's shapes), else q, k."""
+    that chunk_routing picked for (head, t)."""
     Tq, T = q.shape[2], k.shape[2]
     pos = torch.arange(T, device=q.device)
     k_chunk = pos // chunk
@@ -372,17 +370,16 @@ def chunk_memory_mask(q: torch.Tensor, k: torch.Tensor, chunk: int, topk: int,
     n_past = (T - 1) // chunk
     if n_past == 0 or topk == 0:
         return own.expand(q.shape[0], q.shape[1], Tq, T)
-    picked = chunk_routing(*(route or (q, k)), chunk, topk)
+    picked = chunk_routing(q, k, chunk, topk)
     return own | (picked[..., k_chunk.clamp(max=n_past - 1)] & (pos < n_past * chunk))
 
 
-def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, topk: int,
-                     route: tuple[Tensor, Tensor] | None = None) -> torch.Tensor:
-    """One softmax over the visible keys of chunk_memory_mask (routed on route if given); grouped heads; returns
-    [B, H, Tq, D]. The masked path repeats k and v per query head itself: masked SDPA kernels may lack GQA support."""
+def chunk_memory_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, chunk: int, topk: int) -> torch.Tensor:
+    """One softmax over the visible keys of chunk_memory_mask; grouped heads; returns [B, H, Tq, D].
+    The masked path repeats k and v per query head itself: masked SDPA kernels may lack GQA support."""
     if q.shape[2] == k.shape[2] and memory_is_dense(q.shape[2], chunk, topk):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    mask, group = chunk_memory_mask(q, k, chunk, topk, route), q.shape[1] // k.shape[1]
+    mask, group = chunk_memory_mask(q, k, chunk, topk), q.shape[1] // k.shape[1]
     return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask)
 
 
@@ -709,13 +706,11 @@ def chunk_memory_from_picks(q: Tensor, k: Tensor, v: Tensor, picks: Tensor, chun
     return chunk_memory_op(q, k, v, *memory_schedule(picks, chunk), chunk)
 
 
-def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int,
-                        route: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    """Drop-in for convgpt_ops.chunk_memory_ref: the chunk picks in PyTorch (no gradient), the attention in the
-    Triton op."""
+def chunk_memory_triton(q: Tensor, k: Tensor, v: Tensor, chunk: int, topk: int) -> Tensor:
+    """Drop-in for convgpt_ops.chunk_memory_ref: route in PyTorch (no gradient), attend with the Triton op."""
     check_chunk_memory_inputs(q, k, v, chunk)
     with torch.no_grad():
-        picks = chunk_picks(*(t.detach() for t in route or (q, k)), chunk, topk)
+        picks = chunk_picks(q.detach(), k.detach(), chunk, topk)
     return chunk_memory_from_picks(q, k, v, picks, chunk)[0]
 
 

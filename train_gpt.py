@@ -142,7 +142,6 @@ class Hyperparameters:
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
     parallel_from: int = 0  # blocks from this one on (counted from 1) add mixer and MLP of one input; 0 = off
-    route_pre_rope: bool = False  # RoPE memory layers pick chunks by queries and mean keys before the rotation
     body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); the baseline's is rms_norm's dtype
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
@@ -549,9 +548,8 @@ class ConvMix(nn.Module):
 
 class ChunkMemory(nn.Module):
     """Grouped-head attention of each token over its own chunk (causally) and its top-k complete earlier
-    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions. ROUTE_PRE_ROPE: chunks are ranked
-    on q and k before RoPE. A decoding cache holds the keys and values of every earlier position (and the routing
-    keys)."""
+    chunks, ranked by mean key; QK RMSNorm, learned q gain, RoPE or no positions. A decoding cache holds the
+    keys and values of every earlier position."""
 
     def __init__(self, args: Hyperparameters, use_rope: bool):
         super().__init__()
@@ -567,19 +565,18 @@ class ChunkMemory(nn.Module):
         a, (B, T, _), start = self.args, x.shape, cache["k"].shape[2] if cache else 0
         q = rms_norm(self.q(x).view(B, T, a.num_heads, a.head_dim).transpose(1, 2))
         k, v = self.kv(x).view(B, T, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).chunk(2, 1)
-        k, gain = rms_norm(k), self.q_gain.to(q.dtype)[:, None, None]
-        route = ((q * gain).to(v.dtype), k.to(v.dtype)) if self.use_rope and a.route_pre_rope else None
+        k = rms_norm(k)
         if self.use_rope:
             q, k = apply_rotary(q, a.rope_base, start), apply_rotary(k, a.rope_base, start)
-        q, k = (q * gain).to(v.dtype), k.to(v.dtype)  # CUDA autocast: rms_norm fp32 from 2.12; the ops take one dtype
-        if start:  # q holds the last T of k's positions: chunk_memory_ref takes that
+        q = q * self.q_gain.to(q.dtype)[:, None, None]
+        q, k = q.to(v.dtype), k.to(v.dtype)  # CUDA autocast: rms_norm fp32 from torch 2.12; the ops take one dtype
+        if cache:  # q holds the last T of k's positions: chunk_memory_ref takes that
             k, v = torch.cat((cache["k"], k), 2), torch.cat((cache["v"], v), 2)
-            route = route and (route[0], torch.cat((cache["route_k"], route[1]), 2))
         if cache is not None:
-            cache.update(k=k, v=v, **({"route_k": route[1]} if route else {}))
+            cache.update(k=k, v=v)
         dense = memory_is_dense(T, a.mem_chunk, a.mem_topk)  # flash attention beats the kernel there
         memory = chunk_memory_triton if self.triton and not dense and cache is None else chunk_memory_ref
-        y = memory(q, k, v, a.mem_chunk, a.mem_topk, route)
+        y = memory(q, k, v, a.mem_chunk, a.mem_topk)
         return self.proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -212,7 +212,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
     flops = count_forward_flops(args, T)
     attn = {"flash": 0.0, "memory": 0.0}
 
-    def memory(q, k, v, chunk, topk, route=None):
+    def memory(q, k, v, chunk, topk):
         counter.add(*strided_copies(q, k, v), q, k, v, q)  # q, k, v in, out
         flops_per_key = 4 * q.shape[0] * q.shape[1] * q.shape[3]
         if memory_is_dense(T, chunk, topk):
@@ -220,7 +220,7 @@ def forward_work(args: Hyperparameters, seq_len: int, work_over_ideal: float | N
             return torch.empty_like(q)
         counter.labels.append("routing")
         with torch.no_grad():  # run for their bytes: the routing and the kernel's schedule are real per-step work
-            memory_schedule(chunk_picks(*(route or (q, k)), chunk, topk), chunk)
+            memory_schedule(chunk_picks(q, k, chunk, topk), chunk)
         counter.labels.pop()
         partial[0] += q.shape[0] * q.shape[1] * partial_bytes(T, chunk, topk, q.shape[3], q.element_size())
         ratio = work_over_ideal if work_over_ideal is not None else schedule_bound_ratio(T, chunk, topk)
@@ -327,10 +327,10 @@ def memory_work_over_ideal(artifact: Path, env: dict[str, str], seq_len: int, va
     train_gpt.load_artifact(model)
     blocks = [0, 0]
 
-    def counting(q, k, v, chunk, topk, route=None):
-        for i, n in enumerate(scheduled_blocks(chunk_picks(*(route or (q, k)), chunk, topk), chunk, topk)):
+    def counting(q, k, v, chunk, topk):
+        for i, n in enumerate(scheduled_blocks(chunk_picks(q, k, chunk, topk), chunk, topk)):
             blocks[i] += n
-        return chunk_memory_ref(q, k, v, chunk, topk, route)  # the real output: later layers route on it
+        return chunk_memory_ref(q, k, v, chunk, topk)  # the real output: later layers route on it
 
     n = val_tokens.numel() // seq_len
     if n == 0:

@@ -63,10 +63,10 @@ def count_forward_flops(args: Hyperparameters, seq_len: int | None = None) -> Fl
     args = replace(args, train_seq_len=T, eval_seq_len=0)
     counter, memory = FlopCounterMode(display=False), {"route": 0, "attn": 0}
 
-    def algorithmic_memory(q, k, v, chunk, topk, route=None):
+    def algorithmic_memory(q, k, v, chunk, topk):
         before = counter.get_total_flops()
         if not memory_is_dense(T, chunk, topk):
-            chunk_routing(*(route or (q, k)), chunk, topk)
+            chunk_routing(q, k, chunk, topk)
         memory["route"] += counter.get_total_flops() - before
         memory["attn"] += FLOPS_PER_KEY_PER_DIM * q.shape[0] * q.shape[1] * q.shape[3] * memory_keys(T, chunk, topk)
         return torch.empty_like(q)

@@ -28,9 +28,9 @@ def make(B: int, H: int, Hkv: int, T: int, D: int, dtype: torch.dtype = DTYPE, s
     return q, k, v, torch.randn(B, H, T, D, generator=gen).to(DEVICE, dtype)
 
 
-def run(fn, q, k, v, grad, topk, route=None):
+def run(fn, q, k, v, grad, topk):
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
-    out = fn(*leaves, C, topk, route)
+    out = fn(*leaves, C, topk)
     out.backward(grad)
     return out.detach(), [x.grad for x in leaves]
 
@@ -57,19 +57,6 @@ def test_matches_reference_on_odd_shapes(B, H, Hkv, T, D, topk):
                                                  (torch.float16, 2, 33, 16, 1)])
 def test_matches_reference_half(dtype, Hkv, T, D, topk):
     assert_matches_ref(*make(1, 4, Hkv, T, D, dtype, seed=T), topk)
-
-
-def test_routing_tensors_route_the_kernel_and_get_no_gradient():
-    """ROUTE_PRE_ROPE: the kernel path routes on the given queries and keys, as the reference does; they steer the
-    picks only, so no gradient reaches them."""
-    q, k, v, grad = make(2, 4, 2, 67, 16, seed=41)
-    rq, rk = (x.detach().clone().requires_grad_() for x in make(2, 4, 2, 67, 16, seed=42)[:2])
-    out, grads = run(chunk_memory_triton, q, k, v, grad, 2, (rq, rk))
-    ref, ref_grads = run(chunk_memory_ref, *(x.float() for x in (q, k, v, grad)), 2, (rq.detach().float(), rk.detach().float()))
-    for name, got, want in zip(("out", "dq", "dk", "dv"), [out, *grads], [ref, *ref_grads]):
-        torch.testing.assert_close(got.float(), want, rtol=TOL[q.dtype], atol=TOL[q.dtype], msg=lambda m: f"{name}: {m}")
-    assert not torch.allclose(out.float(), run(chunk_memory_ref, *(x.float() for x in (q, k, v, grad)), 2)[0])
-    assert rq.grad is None and rk.grad is None
 
 
 def test_non_contiguous_inputs_from_model_layout():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
@@ -28,8 +27,7 @@ CONFIGS = {
     "rope_half_untied_relu2": {"MEM_ROPE": "half", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
     "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
-    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's levers
-    "route_pre_rope": {"ROUTE_PRE_ROPE": "1"},
+    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's lever
 }
 
 
@@ -64,7 +62,7 @@ def kernel_cases(*cases: tuple) -> list:
 # the configurations that exercise them
 CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + kernel_cases(
     ("default", True, True), ("rope_half_untied_relu2", False, True), ("conv1d_only", False, True),
-    ("no_bigram_dilated", False, True), ("route_pre_rope", False, True))
+    ("no_bigram_dilated", False, True))
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -118,7 +116,7 @@ def test_every_parameter_gets_a_gradient_from_one_step(name):
 
 @pytest.mark.slow
 @INTERPRETED
-@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2", "route_pre_rope"])
+@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2"])
 def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
     """CONVGPT_TRITON=1 against 0 on the whole model: the kernels (interpreted on CPU) against the reference."""
     ids, targets = token_batch(1), token_batch(2)
@@ -146,27 +144,6 @@ def test_parallel_blocks_read_one_input():
         torch.testing.assert_close(block(x, x0), want)
         block.parallel = False
         assert not torch.allclose(block(x, x0), want)
-
-
-def test_route_pre_rope_ranks_chunks_on_the_unrotated_queries_and_keys(monkeypatch: pytest.MonkeyPatch):
-    model = random_model({"ROUTE_PRE_ROPE": "1", "MEM_ROPE": "half", "NUM_LAYERS": "4"})
-    calls, memory = [], tg.chunk_memory_ref
-
-    def spy(q, k, v, chunk, topk, route=None):
-        calls.append((q, k, route))
-        return memory(q, k, v, chunk, topk, route)
-
-    monkeypatch.setattr(tg, "chunk_memory_ref", spy)
-    with torch.no_grad():
-        routed = model.forward_logits(token_batch())
-    (q, k, (rq, rk)), (_, _, unrotated) = calls  # memory layer 1 has RoPE, layer 2 none (MEM_ROPE=half)
-    assert unrotated is None
-    torch.testing.assert_close(tg.apply_rotary(rq, model.args.rope_base), q)
-    torch.testing.assert_close(tg.apply_rotary(rk, model.args.rope_base), k)
-    rotated = tg.ConvGPT(dataclasses.replace(model.args, route_pre_rope=False))
-    rotated.load_state_dict(model.state_dict())
-    with torch.no_grad():
-        assert not torch.allclose(rotated.forward_logits(token_batch()), routed)
 
 
 def test_smear_gate_never_blends_into_bos_or_position_zero():

@@ -101,12 +101,11 @@ def test_gather_conv_perturbation_and_gradient(t):
     assert (u.grad[:, t + 1:] == 0).all() and (u.grad[:, t] != 0).any()
 
 
-def brute_chunk_memory(q, k, v, chunk, topk, route=None):
-    """Per (batch, head, query): rank complete earlier chunks by q . mean(k) (route's q and k if given), attend over
-    the chosen chunks plus the own chunk up to and including the query."""
+def brute_chunk_memory(q, k, v, chunk, topk):
+    """Per (batch, head, query): rank complete earlier chunks by q . mean(k), attend over the chosen
+    chunks plus the own chunk up to and including the query."""
     B, H, T, D = q.shape
     group = H // k.shape[1]
-    rq, rk = route or (q, k)
     out = torch.zeros_like(q)
     for b in range(B):
         for h in range(H):
@@ -115,8 +114,8 @@ def brute_chunk_memory(q, k, v, chunk, topk, route=None):
                 c = t // chunk
                 chosen = []
                 if c and topk:
-                    means = torch.stack([rk[b, h // group, j * chunk:(j + 1) * chunk].mean(0) for j in range(c)])
-                    chosen = (means @ rq[b, h, t]).topk(min(topk, c)).indices.tolist()
+                    means = torch.stack([kh[j * chunk:(j + 1) * chunk].mean(0) for j in range(c)])
+                    chosen = (means @ q[b, h, t]).topk(min(topk, c)).indices.tolist()
                 keys = [s for j in sorted(chosen) for s in range(j * chunk, (j + 1) * chunk)] + list(range(c * chunk, t + 1))
                 att = torch.softmax(kh[keys] @ q[b, h, t] / math.sqrt(D), 0)
                 out[b, h, t] = att @ vh[keys]
@@ -130,17 +129,6 @@ def test_chunk_memory_matches_brute_force(T, chunk, topk, H, Hkv):
     q = torch.randn(2, H, T, 8, dtype=torch.float64)
     k, v = torch.randn(2, Hkv, T, 8, dtype=torch.float64), torch.randn(2, Hkv, T, 8, dtype=torch.float64)
     torch.testing.assert_close(chunk_memory_ref(q, k, v, chunk, topk), brute_chunk_memory(q, k, v, chunk, topk))
-
-
-def test_chunk_memory_routes_on_the_routing_tensors_when_given():
-    """ROUTE_PRE_ROPE: chunks ranked on other queries and keys (the unrotated ones) than those attended with."""
-    torch.manual_seed(5)
-    q, rq = torch.randn(2, 2, 4, 37, 8, dtype=torch.float64)
-    k, v, rk = torch.randn(3, 2, 2, 37, 8, dtype=torch.float64)
-    routed = chunk_memory_ref(q, k, v, 4, 2, (rq, rk))
-    torch.testing.assert_close(routed, brute_chunk_memory(q, k, v, 4, 2, (rq, rk)))
-    assert not torch.allclose(routed, chunk_memory_ref(q, k, v, 4, 2))
-    torch.testing.assert_close(chunk_memory_ref(q[:, :, -5:], k, v, 4, 2, (rq[:, :, -5:], rk)), routed[:, :, -5:])
 
 
 def test_chunk_memory_with_all_chunks_is_dense_causal_attention():
