@@ -194,10 +194,10 @@ def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyP
 def test_compiled_step_split_into_ddp_buckets_keeps_its_gradients(monkeypatch: pytest.MonkeyPatch):
     """What overlaps the gradient all-reduce with the backward on 8 GPUs: the compiled step inside DDP, whose
     DDPOptimizer splits the graph at bucket boundaries (fullgraph still). Small buckets in a one-rank group
-    force several splits here; the split graphs keep the loss and every gradient. With parallel blocks (issue 25's
-    lever) from block 3 on."""
+    force several splits here; the split graphs keep the loss and every gradient. With issue 25's levers: parallel
+    blocks from block 3 on, and FUSE_GATE (two kernel convs per ConvMix)."""
     torch._dynamo.reset()  # else dynamo reuses an earlier test's graph of this model, which DDP never split
-    model, step_model = compiled_kernel_model(monkeypatch, PARALLEL_FROM="3")
+    model, step_model = compiled_kernel_model(monkeypatch, PARALLEL_FROM="3", FUSE_GATE="4")
     splits: list[int] = []
     compile_fn = DDPOptimizer.compile_fn
 
