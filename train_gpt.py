@@ -142,7 +142,7 @@ class Hyperparameters:
     mem_chunk: int = 64  # tokens per memory chunk
     mem_topk: int = 4  # earlier chunks each query reads; >= seq_len / mem_chunk is dense causal attention
     mem_rope: str = "all"  # memory layers with RoPE: all, half (1st, 3rd, ...) or none
-    parallel_from: int = 0  # blocks from this one on (counted from 1) add mixer and MLP of one input; 0 = off
+    parallel_from: int = -2  # blocks from this one (from 1) on add mixer and MLP of one input; -k: the last k; 0 = off
     body_dtype: str = "bf16"  # residual stream where autocast is on (CUDA); the baseline's is rms_norm's dtype
     # optimizer (learning rates are peak values)
     matrix_lr: float = 0.04
@@ -196,6 +196,12 @@ class Hyperparameters:
     def train_seconds(self) -> float:
         """The training loop's wallclock cap: MAX_WALLCLOCK_SECONDS less GPTQ's reserve; 0 = none."""
         return self.max_wallclock_seconds - self.gptq * self.gptq_reserve_seconds if self.max_wallclock_seconds > 0 else 0.0
+
+    @property
+    def first_parallel(self) -> int:
+        """Index (from 0) of the first block with parallel residuals; NUM_LAYERS when none has them."""
+        p = self.parallel_from
+        return p - 1 if p > 0 else self.num_layers + p if p < 0 else self.num_layers
 
     @property
     def max_seq_len(self) -> int:
@@ -252,8 +258,8 @@ class Hyperparameters:
              f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
-            (0 <= self.parallel_from <= self.num_layers,
-             f"PARALLEL_FROM={self.parallel_from} must lie in 0..NUM_LAYERS={self.num_layers}"),
+            (-self.num_layers <= self.parallel_from <= self.num_layers,
+             f"PARALLEL_FROM={self.parallel_from} must lie in -NUM_LAYERS..NUM_LAYERS={self.num_layers}"),
         ]
         checks += [(getattr(self, name) in allowed, f"{name.upper()}={getattr(self, name)!r} must be one of {', '.join(allowed)}")
                    for name, allowed in CHOICES.items()]
@@ -659,7 +665,7 @@ class ConvGPT(nn.Module):
         blocks, n_mem = [], 0
         tap_table = TapTable(args) if args.mem_every != 1 else None
         for i in range(args.num_layers):
-            parallel = 0 < args.parallel_from <= i + 1
+            parallel = i >= args.first_parallel
             if args.mem_every and (i + 1) % args.mem_every == 0:
                 rope = args.mem_rope == "all" or (args.mem_rope == "half" and n_mem % 2 == 0)
                 blocks.append(Block(args, ChunkMemory(args, rope), parallel))

@@ -74,7 +74,8 @@ def test_emulation_gives_cuda_autocast_dtypes_where_cpu_autocast_differs():
         assert t.to(torch.bfloat16).item() == 1.0 and t.to(torch.float32).item() == t.item()  # casts keep their dtype
 
 
-@pytest.mark.parametrize("name", ["default", pytest.param("rope_half_untied_relu2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["default", pytest.param("rope_half_untied_relu2", marks=pytest.mark.slow),
+                                  pytest.param("fuse_gate", marks=pytest.mark.slow)])
 def test_kernel_path_under_cuda_autocast_is_as_accurate_as_the_reference(name):
     """The crash this guards against: rms_norm returns fp32 q and k under CUDA autocast (torch >= 2.12), v stays
     bf16, and the chunk memory refused the mix. Sparse memory is active (T 128, chunks of 16, top-1 or top-2). bf16

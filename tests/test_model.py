@@ -28,7 +28,8 @@ CONFIGS = {
     "rope_half_untied_relu2": {"MEM_ROPE": "half", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
     "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
-    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's levers
+    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's levers (the default: the last 2 blocks parallel)
+    "sequential": {"PARALLEL_FROM": "0"},
     "fuse_gate": {"FUSE_GATE": "4"},
 }
 
@@ -84,7 +85,8 @@ def test_future_tokens_never_change_earlier_logits(name, qat, triton):
 
 
 @pytest.mark.parametrize("name,triton", [(name, False) for name in CONFIGS] + kernel_cases(("default", True),
-                                                                                          ("no_smear_topk0", True)))
+                                                                                          ("no_smear_topk0", True),
+                                                                                          ("fuse_gate", True)))
 def test_gradient_to_later_inputs_is_exactly_zero(name, triton):
     model = random_model(CONFIGS[name])
     tg.set_triton(model, triton)
@@ -118,7 +120,7 @@ def test_every_parameter_gets_a_gradient_from_one_step(name):
 
 @pytest.mark.slow
 @INTERPRETED
-@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2"])
+@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2", "fuse_gate"])
 def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
     """CONVGPT_TRITON=1 against 0 on the whole model: the kernels (interpreted on CPU) against the reference."""
     ids, targets = token_batch(1), token_batch(2)
@@ -136,9 +138,18 @@ def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
         torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
+def test_parallel_from_counts_from_the_first_block_or_back_from_the_last():
+    flags = {k: [b.parallel for b in random_model({"PARALLEL_FROM": k}).blocks] for k in ("0", "2", "-1", "-4", "4")}
+    assert flags == {"0": [False] * 4, "2": [False, True, True, True], "-1": [False] * 3 + [True], "-4": [True] * 4,
+                     "4": [False] * 3 + [True]}
+    assert [b.parallel for b in random_model({}).blocks] == [False] * 2 + [True] * 2  # the default: the last 2
+    for bad in ("5", "-5"):
+        with pytest.raises(tg.FatalError, match=f"PARALLEL_FROM={bad} must lie in -NUM_LAYERS..NUM_LAYERS=4"):
+            random_model({"PARALLEL_FROM": bad})
+
+
 def test_parallel_blocks_read_one_input():
-    model = random_model({"PARALLEL_FROM": "4"})
-    assert [b.parallel for b in model.blocks] == [False] * 3 + [True]
+    model = random_model({"PARALLEL_FROM": "-1"})
     block, x, x0 = model.blocks[3], torch.randn(2, 5, 64), torch.randn(2, 5, 64)
     with torch.no_grad():
         h = block.resid_mix[0] * x + block.resid_mix[1] * x0

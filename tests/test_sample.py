@@ -20,7 +20,7 @@ LAYOUTS = {  # the decoder must match the full forward in each (issue 24)
     "dense": {"MEM_EVERY": "1", "MEM_TOPK": "1000000"},
     "conv1d_only": {"CONV2D_K": "0"},
     "half_rope": {"MEM_ROPE": "half", "NUM_LAYERS": "8"},
-    "parallel": {"PARALLEL_FROM": "3"},
+    "sequential": {"PARALLEL_FROM": "0"},
     "fuse_gate": {"FUSE_GATE": "4"},
 }
 SEQ = 1024
