@@ -6,6 +6,7 @@ Runbook
   python bench/gpu_preflight.py --out $OUT/preflight.md --data DIR --tokenizer PATH
   python bench/gpu_preflight.py --dry-run              # anywhere (CPU too): tiny shapes, seconds-long runs; it
                                                        # checks the harness, not the GPU
+  python bench/gpu_preflight.py --baseline .pf/baseline/train_gpt.py   # also time the upstream baseline (below)
 Data: --data / --tokenizer, else data/datasets/fineweb10B_sp1024 with data/tokenizers/fineweb_1024_bpe.model when
 present, else the FineWeb sample in ../shared/data. Validation is the first --val-tokens tokens of the val shard, so
 the three evaluations of each run stay short; val_bpb is comparable only between runs of the same report.
@@ -20,6 +21,14 @@ Stages, in this order; each runs in its own subprocess under a time limit, and a
                attention at equal parameters), then conv1d_only after the bench; ms/step, tokens/s, peak memory,
                compile (warm-up) time, val_bpb, artifact bytes; and default / dense ms/step, the measured
                counterpart of bench/cost_model.py's ratio_to_attention
+  train:baseline  only with --baseline PATH, right after train:dense: the upstream parameter-golf train_gpt.py
+               (openai/parameter-golf, root, unmodified; bench/device_kit.sh copies it into the git-ignored
+               .pf/baseline/, it is never committed here) for the same --train-seconds on the same data and
+               validation slice, one process, 8 micro-batches of the same 524,288 tokens per step; its ms/step, peak
+               memory, val_bpb, and default / baseline ms/step beside default / dense. The three programs' step times
+               are what issue 23's stage 2 needs, so it goes before the bench (which the budget may then skip).
+               Skipped when the env stage found no CUDA device (the baseline raises without one). A missing or
+               failing baseline fails this stage only.
   bench        bench/bench_ops.py --no-steps: the kernels against their references and dense SDPA
   aot          bench/kernel_resources.py: registers, spills, shared memory of each kernel for sm_90
 --budget caps the whole run: a stage is skipped when less than its minimum is left, and one that the budget
@@ -50,9 +59,13 @@ from tools.runlog import RunLog, parse_log  # noqa: E402
 TRAIN_CONFIGS = ("default", "dense", "conv1d_only")
 PARITY_TESTS = ("tests/test_kernels_conv.py", "tests/test_kernels_memory.py", "tests/test_ops.py", "tests/test_gpu_rules.py")
 PACKAGES = ("numpy", "sentencepiece", "zstandard", "triton")
-SEVERITY = ("env", "parity", "train:default", "train:dense", "train:conv1d_only", "bench", "aot")  # most serious first
+BASELINE = "train:baseline"  # the upstream baseline's stage; `--skip baseline` leaves it out
+# Failures are listed most serious first: ours before the upstream baseline's.
+SEVERITY = ("env", "parity", "train:default", "train:dense", "train:conv1d_only", "bench", "aot", BASELINE)
 TRAIN_EXTRA_SECONDS = 240  # compile warm-up, three evaluations, export: allowed on top of --train-seconds
-MIN_SECONDS = {"parity": 60, "train": 60, "bench": 30, "aot": 60}  # not started with less left (train: + --train-seconds)
+# A stage is not started with less than this left of the budget (train, baseline: plus --train-seconds).
+MIN_SECONDS = {"parity": 60, "train": 60, "baseline": 60, "bench": 30, "aot": 60}
+STAGE_KINDS = ("env", "parity", "train", "baseline", "bench", "aot")  # what --skip takes
 ENV_PROBE = """
 import importlib, json, os, platform, subprocess, torch
 facts = {"python": platform.python_version(), "torch": torch.__version__, "cuda (torch)": str(torch.version.cuda),
@@ -149,11 +162,12 @@ def prepare_data(data: Path, val_tokens: int, work: Path) -> Path:
     return out
 
 
-def train_env(cli: argparse.Namespace, config: str, data: Path, work: Path) -> dict[str, str]:
-    env = {**os.environ, **CONFIGS[config], "DATA_PATH": str(data), "TOKENIZER_PATH": str(cli.tokenizer),
-           "RUN_ID": f"preflight_{config}", "ARTIFACT_PATH": str(work / f"{config}.ptz"), "VAL_LOSS_EVERY": "0",
-           "MAX_WALLCLOCK_SECONDS": str(cli.train_seconds), "WARMUP_STEPS": "3", "TRAIN_LOG_EVERY": "10",
-           "PYTHONUNBUFFERED": "1"}
+def train_env(cli: argparse.Namespace, run: str, data: Path, settings: dict[str, str]) -> dict[str, str]:
+    """The environment of one training run: ours (settings: the config's) or the upstream baseline's, which reads the
+    same names (DATA_PATH, TOKENIZER_PATH, RUN_ID, VAL_LOSS_EVERY, MAX_WALLCLOCK_SECONDS, WARMUP_STEPS, the shapes)."""
+    env = {**os.environ, **settings, "DATA_PATH": str(data), "TOKENIZER_PATH": str(cli.tokenizer),
+           "RUN_ID": f"preflight_{run}", "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": str(cli.train_seconds),
+           "WARMUP_STEPS": "3", "TRAIN_LOG_EVERY": "10", "PYTHONUNBUFFERED": "1"}
     return env | (DRY_ENV | {"WARMUP_STEPS": "1"} if cli.dry_run else {})
 
 
@@ -163,8 +177,31 @@ def train_facts(run: RunLog) -> dict[str, str]:
             "steps": str(stop.steps), "peak MiB": str(stop.peak_mem_mib) if stop.peak_mem_mib is not None else "-",
             "compile s": f"{run.warmup_ms / 1000:.1f}" if run.warmup_ms is not None else "-",
             "prequant bpb": f"{run.prequant.val_bpb:.4f}" if run.prequant else "-",
+            "roundtrip bpb": f"{run.roundtrip.val_bpb:.4f}" if run.roundtrip else "-",
             "sliding bpb": f"{run.sliding.val_bpb:.4f}", "sliding eval s": f"{(run.sliding.eval_time_ms or 0) / 1000:.1f}",
             "artifact bytes": f"{run.sizes.total:,}", "params": f"{run.model_params:,}"}
+
+
+def baseline_facts(log: str) -> dict[str, str]:
+    """The upstream baseline's stdout in train_facts' columns (those it prints). Its last `step:S/I val_loss:L
+    val_bpb:B train_time:Xms step_avg:Yms` line closes training; `peak memory allocated: M MiB`, `model_params:P`,
+    `Total submission size int8+zlib: N bytes` and `final_int8_zlib_roundtrip_exact ... val_bpb:B` follow."""
+    def last(pattern: str) -> str | None:
+        hits = re.findall(pattern, log, re.MULTILINE)
+        return hits[-1] if hits else None
+
+    stop = last(r"^step:(\d+)/\d+ val_loss:\S+ val_bpb:(\S+) train_time:\d+ms step_avg:([\d.]+)ms")
+    tokens = last(r"^train_batch_tokens:(\d+) ")
+    if stop is None or tokens is None:
+        raise ValueError("no `train_batch_tokens:` line or no final `step:S/I val_loss:... step_avg:...ms` line")
+    (steps, bpb, step_ms), tokens = stop, int(tokens)
+    peak, params, size = last(r"^peak memory allocated: (\d+) MiB"), last(r"^model_params:(\d+)$"), \
+        last(r"^Total submission size int8\+zlib: (\d+) bytes")
+    roundtrip = last(r"^final_int8_zlib_roundtrip_exact val_loss:\S+ val_bpb:(\S+)")
+    return {"tokens/step": f"{tokens:,}", "ms/step": f"{float(step_ms):.1f}",
+            "tokens/s": f"{tokens / float(step_ms) * 1000:,.0f}", "steps": steps, "peak MiB": peak or "-",
+            "prequant bpb": f"{float(bpb):.4f}", "roundtrip bpb": f"{float(roundtrip):.4f}" if roundtrip else "-",
+            "artifact bytes": f"{int(size):,}" if size else "-", "params": f"{int(params):,}" if params else "-"}
 
 
 def rank_failures(stages: list[Stage]) -> list[str]:
@@ -191,13 +228,13 @@ def render(stages: list[Stage], cli: argparse.Namespace, command: str, started: 
               *[f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.note.replace('|', '/')} |" for s in stages], ""]
     runs = [s for s in stages if s.name.startswith("train:") and s.facts]
     if runs:
-        keys = list(runs[0].facts)
+        keys = list(dict.fromkeys(k for s in runs for k in s.facts))
         lines += ["## Training runs", "", "| config | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|",
-                  *[f"| {s.name[6:]} | " + " | ".join(s.facts[k] for k in keys) + " |" for s in runs], "",
+                  *[f"| {s.name[6:]} | " + " | ".join(s.facts.get(k, "-") for k in keys) + " |" for s in runs], "",
                   "ms/step is one optimizer step of the whole batch on this one device (8 micro-batches by "
                   "accumulation); on 8 GPUs each runs one micro-batch, so a step takes about ms/step / 8 plus the "
                   "gradient all-reduce. compile s is the warm-up (compiles), excluded from training time.", ""]
-        lines += mixer_ratio({s.name[6:]: s.facts for s in runs})
+        lines += mixer_ratio({s.name[6:]: s.facts for s in runs}) + baseline_ratio({s.name[6:]: s.facts for s in runs})
     for name, title in (("parity", "Parity tests on the device"), ("bench", "Kernel benchmark (bench/bench_ops.py)"),
                         ("aot", "Kernel resources for sm_90 (bench/kernel_resources.py)")):
         stage = next((s for s in stages if s.name == name), None)
@@ -218,6 +255,16 @@ def mixer_ratio(facts: dict[str, dict[str, str]]) -> list[str]:
             "this one-GPU step has no all-reduce, which both would pay about equally.", ""]
 
 
+def baseline_ratio(facts: dict[str, dict[str, str]]) -> list[str]:
+    """The measured default / baseline step time: this trainer against the challenge's own starting point."""
+    if "ms/step" not in facts.get("default", {}) or "ms/step" not in facts.get("baseline", {}):
+        return []
+    ratio = float(facts["default"]["ms/step"]) / float(facts["baseline"]["ms/step"])
+    return [f"default / baseline ms/step: **{ratio:.3f}** measured here (baseline: the upstream parameter-golf "
+            "train_gpt.py, unmodified: 9 attention blocks at d 512, the same tokens per step; int8+zlib export, no "
+            "sliding-window eval, no compile time printed).", ""]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     shared = ROOT.parent / "shared" / "data"
     local = ROOT / "data" / "datasets" / "fineweb10B_sp1024"
@@ -229,13 +276,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--train-seconds", type=float, default=None, help="per configuration (default 45; dry run 5)")
     parser.add_argument("--val-tokens", type=int, default=262_144)
     parser.add_argument("--budget", type=float, default=480.0, help="seconds for the whole preflight")
-    parser.add_argument("--skip", default="", help="comma-separated stages to leave out (env, parity, train, bench, aot)")
+    parser.add_argument("--skip", default="", help=f"comma-separated stages to leave out ({', '.join(STAGE_KINDS)})")
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="the upstream parameter-golf train_gpt.py: adds the train:baseline stage")
     parser.add_argument("--out", type=Path, default=None, help="report path (default bench/results/gpu_preflight_<date>.md)")
     cli = parser.parse_args(argv)
     cli.train_seconds = cli.train_seconds or (5.0 if cli.dry_run else 45.0)
     if cli.train_seconds <= 0 or cli.val_tokens < 4096 or cli.budget <= 0:
         parser.error("--train-seconds and --budget must be positive, --val-tokens at least 4096")
-    unknown = set(filter(None, cli.skip.split(","))) - {"env", "parity", "train", "bench", "aot"}
+    unknown = set(filter(None, cli.skip.split(","))) - set(STAGE_KINDS)
     if unknown:
         parser.error(f"unknown stage(s) in --skip: {', '.join(sorted(unknown))}")
     if not cli.tokenizer.is_file() or not cli.data.is_dir():
@@ -256,26 +305,35 @@ def main(argv: list[str] | None = None) -> int:
     tests = [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", "-m", "not slow", *PARITY_TESTS]
     plan: list[tuple[str, float, object]] = [("env", 120, None), ("parity", 240, tests + (["-k", DRY_TESTS] if cli.dry_run else []))]
     plan += [(f"train:{c}", cli.train_seconds + TRAIN_EXTRA_SECONDS, c) for c in TRAIN_CONFIGS[:2]]
+    plan += [(BASELINE, cli.train_seconds + TRAIN_EXTRA_SECONDS, cli.baseline.resolve())] if cli.baseline else []
     plan += [("bench", 180, [sys.executable, "bench/bench_ops.py", "--no-steps", *(["--small"] if cli.dry_run else [])]),
              (f"train:{TRAIN_CONFIGS[2]}", cli.train_seconds + TRAIN_EXTRA_SECONDS, TRAIN_CONFIGS[2]),
              ("aot", 240, [sys.executable, "bench/kernel_resources.py"])]
     stages: list[Stage] = []
     for i, (name, limit, what) in enumerate(plan, 1):
-        stage, kind = Stage(name), name.split(":")[0]
+        stage, kind = Stage(name), "baseline" if name == BASELINE else name.split(":")[0]
         stages.append(stage)
         left = deadline - time.perf_counter()
-        needed = MIN_SECONDS.get(kind, 10) + (cli.train_seconds if kind == "train" else 0)
+        needed = MIN_SECONDS.get(kind, 10) + (cli.train_seconds if kind in ("train", "baseline") else 0)
         if kind in skip:
             stage.status, stage.note = "skipped", "--skip"
+        elif kind == "baseline" and not what.is_file():
+            stage.status, stage.note = "FAILED", f"no baseline at {what} (BASELINE=... bash bench/device_kit.sh)"
+        elif kind == "baseline" and stages[0].facts and "gpu" not in stages[0].facts:
+            stage.status, stage.note = "skipped", "the env stage found no CUDA device; the baseline requires one"
         elif left < needed:
             stage.status, stage.note = "skipped", f"{left:.0f} s of the budget left, needs at least {needed:.0f} s"
         elif kind == "env":
             environment(stage, cli.dry_run, left)
-        elif kind == "train":
-            if run_stage(stage, [sys.executable, str(ROOT / "train_gpt.py")], train_env(cli, what, data, work), limit,
-                         left, cwd=work):
+        elif kind in ("train", "baseline"):
+            script, settings = (what, {}) if kind == "baseline" else \
+                (ROOT / "train_gpt.py", CONFIGS[what] | {"ARTIFACT_PATH": str(work / f"{what}.ptz")})
+            # cwd: the scratch folder, where the baseline writes logs/ and final_model.pt, final_model.int8.ptz
+            if run_stage(stage, [sys.executable, str(script)], train_env(cli, name[6:], data, settings), limit, left,
+                         cwd=work):
                 try:
-                    stage.facts = train_facts(parse_log(stage.output, name))
+                    stage.facts = baseline_facts(stage.output) if kind == "baseline" else \
+                        train_facts(parse_log(stage.output, name))
                 except (ValueError, KeyError) as e:
                     stage.status, stage.note = "FAILED", f"unreadable log: {e}"
             stage.output = ""
