@@ -136,8 +136,7 @@ def causal_gather_conv_ref(u: torch.Tensor, table: torch.Tensor, weight: torch.T
 
 
 def conv_taps_inverse(table: Tensor) -> Tensor:
-    """inv[s, j] = t + 1 where table[t, j] == s + 1, else 0 (each (s, j) is read by at most one t). Each column is
-    inverted on its own: inv[:, cols] is the inverse of table[:, cols] (ConvMix's per-branch convs use that)."""
+    """inv[s, j] = t + 1 where table[t, j] == s + 1, else 0 (each (s, j) is read by at most one t)."""
     T, J = table.shape
     hit = table > 0
     t = torch.arange(T, device=table.device)[:, None].expand(T, J)

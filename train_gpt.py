@@ -135,7 +135,6 @@ class Hyperparameters:
     conv1d_k: int = 4  # causal 1D taps (0 = no 1D branch)
     conv2d_k: int = 3  # Hilbert grid window side, odd (0 = no 2D branch)
     conv2d_layout: str = "hilbert"  # dilated = control: the same k*k taps at 1D distances conv1d_k * (1..k*k)
-    fuse_gate: int = 0  # rank r of a per-token fusion gate sigmoid(fuse + W2 W1 h), d -> r -> d; 0 = per channel only
     bigram_buckets: int = 2048  # BigramHash embedding of (previous, current) token pairs; 0 = off
     bigram_dim: int = 128
     mem_every: int = 2  # every mem_every-th block mixes with ChunkMemory instead of ConvMix (0 = never)
@@ -232,8 +231,6 @@ class Hyperparameters:
             (self.conv1d_k >= 0 and self.conv2d_k >= 0 and (self.conv2d_k % 2 == 1 or self.conv2d_k == 0),
              f"CONV1D_K={self.conv1d_k} must be >= 0 and CONV2D_K={self.conv2d_k} odd or 0"),
             (self.mem_every == 1 or self.conv1d_k + self.conv2d_k > 0, "CONV1D_K and CONV2D_K are both 0: ConvMix has no taps"),
-            (self.fuse_gate == 0 or (self.fuse_gate > 0 and self.conv1d_k > 0 and self.conv2d_k > 0),
-             f"FUSE_GATE={self.fuse_gate} must be 0, or > 0 with both branches on (CONV1D_K, CONV2D_K > 0)"),
             (self.mem_every >= 0 and self.mem_chunk >= 1 and self.mem_topk >= 0,
              f"MEM_EVERY={self.mem_every}, MEM_CHUNK={self.mem_chunk}, MEM_TOPK={self.mem_topk} must be >= 0, >= 1, >= 0"),
             (1 <= self.eval_stride <= self.eval_len, f"EVAL_STRIDE={self.eval_stride} must lie in 1..{self.eval_len}"),
@@ -527,27 +524,19 @@ class TapTable(nn.Module):
 
 
 class ConvMix(nn.Module):
-    """[u, g] = W_in h; m = causal 1D conv and Hilbert 2D conv of u, fused by a sigmoid gate f; y = W_out(silu(g) * m),
-    the product in the conv kernel's epilogue. f per channel (FUSE_GATE=0) folds into the tap weights: one gather conv
-    over both tap sets. f per token, sigmoid(fuse + W2 W1 h) with W2 zero at init, takes one conv per branch.
+    """[u, g] = W_in h; m = causal 1D conv and Hilbert 2D conv of u, fused by a per-channel sigmoid gate
+    (one gather conv over both tap sets); y = W_out(silu(g) * m), the product in the conv kernel's epilogue.
     With a decoding cache, u of every earlier position stays in it: a Hilbert tap can reach far back."""
 
     def __init__(self, args: Hyperparameters, tap_table: TapTable):
         super().__init__()
-        d, k1, k2, r = args.model_dim, args.conv1d_k, args.conv2d_k, args.fuse_gate
+        d, k1, k2 = args.model_dim, args.conv1d_k, args.conv2d_k
         self.k1, self.tap_table = k1, tap_table
         self.w_in = CastedLinear(d, 2 * d)
         self.w_out = CastedLinear(d, d, zero_init=True)
         self.taps = nn.Parameter(torch.cat((torch.randn(d, k1) / max(k1, 1) ** 0.5, torch.randn(d, k2 * k2) / max(k2, 1)), 1))
         self.fuse = nn.Parameter(torch.zeros(d))
-        self.gate = nn.Sequential(CastedLinear(d, r), CastedLinear(r, d, zero_init=True)) if r else None
         self.triton = False
-
-    def conv(self, u: Tensor, g: Tensor, table: Tensor, inverse: Tensor, w: Tensor, cache: dict | None) -> Tensor:
-        w = w.to(u.dtype)
-        if self.triton and cache is None:
-            return gated_gather_conv(u, g, table, inverse, w)[1]
-        return gated_gather_conv_ref(u, g, table, w)
 
     def forward(self, x: Tensor, cache: dict | None = None) -> Tensor:
         u, g = self.w_in(x).chunk(2, -1)
@@ -555,16 +544,12 @@ class ConvMix(nn.Module):
             u = torch.cat((cache["u"], u), 1)
         if cache is not None:
             cache["u"] = u
-        k, inverse = self.k1, self.tap_table.inverse
         table = self.tap_table.table[u.shape[1] - x.shape[1]:u.shape[1]]
-        if self.gate is None:
-            f = torch.sigmoid(self.fuse)[:, None]
-            w = torch.cat((self.taps[:, :k] * f, self.taps[:, k:] * (1 - f)), 1)
-            return self.w_out(self.conv(u, g, table, inverse, w, cache))
-        f = torch.sigmoid(self.fuse + self.gate(x)).to(u.dtype)
-        m1 = self.conv(u, g, table[:, :k], inverse[:, :k], self.taps[:, :k], cache)
-        m2 = self.conv(u, g, table[:, k:], inverse[:, k:], self.taps[:, k:], cache)
-        return self.w_out(m2 + f * (m1 - m2))
+        f = torch.sigmoid(self.fuse)[:, None]
+        w = torch.cat((self.taps[:, :self.k1] * f, self.taps[:, self.k1:] * (1 - f)), 1).to(u.dtype)
+        if self.triton and cache is None:
+            return self.w_out(gated_gather_conv(u, g, table, self.tap_table.inverse, w)[1])
+        return self.w_out(gated_gather_conv_ref(u, g, table, w))
 
 
 class ChunkMemory(nn.Module):

@@ -80,7 +80,6 @@ CONFIGS: dict[str, dict[str, str]] = {
     "ttt": {"TTT_EPOCHS": "3", "TTT_CHUNK_TOKENS": "32768"},
     "sequential": {"PARALLEL_FROM": "0"},  # no parallel residuals (the default has them in the last 2 blocks)
     "parallel3": {"PARALLEL_FROM": "-3"},  # parallel residuals in the last 3 blocks
-    "fuse_gate": {"FUSE_GATE": "16"},  # per-token fusion of the 1D and 2D branches, d -> 16 -> d
 }
 VAL_SLICE_TOKENS = {"proxy": 131_072}  # validation targets the scale scores: the first N + 1 tokens of the val shards
 SEQ_DOUBLED = {"train_seq_x2": ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN"), "eval_seq_x2": ("EVAL_SEQ_LEN",)}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 
 import pytest
 import torch
@@ -62,11 +61,3 @@ def test_cli_reads_the_trainer_settings(capsys):
 def test_parallel_blocks_cost_the_same():
     a = flops.count_forward_flops(Hyperparameters())
     assert flops.count_forward_flops(Hyperparameters(parallel_from=0)).per_token == pytest.approx(a.per_token)
-
-
-def test_fuse_gate_adds_its_two_low_rank_matmuls_to_each_conv_block():
-    args = Hyperparameters()
-    a, b = (flops.count_forward_flops(replace(args, fuse_gate=r)).per_token for r in (0, 16))
-    conv_blocks = args.num_layers - args.num_layers // args.mem_every
-    assert b["conv"] - a["conv"] == pytest.approx(conv_blocks * 2 * 2 * args.model_dim * 16)
-    assert {k: v for k, v in b.items() if k != "conv"} == pytest.approx({k: v for k, v in a.items() if k != "conv"})

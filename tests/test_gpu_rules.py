@@ -74,8 +74,7 @@ def test_emulation_gives_cuda_autocast_dtypes_where_cpu_autocast_differs():
         assert t.to(torch.bfloat16).item() == 1.0 and t.to(torch.float32).item() == t.item()  # casts keep their dtype
 
 
-@pytest.mark.parametrize("name", ["default", pytest.param("rope_half_untied_relu2", marks=pytest.mark.slow),
-                                  pytest.param("fuse_gate", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("name", ["default", pytest.param("rope_half_untied_relu2", marks=pytest.mark.slow)])
 def test_kernel_path_under_cuda_autocast_is_as_accurate_as_the_reference(name):
     """The crash this guards against: rms_norm returns fp32 q and k under CUDA autocast (torch >= 2.12), v stays
     bf16, and the chunk memory refused the mix. Sparse memory is active (T 128, chunks of 16, top-1 or top-2). bf16
@@ -195,10 +194,10 @@ def test_trainer_compiles_the_kernel_model_fullgraph(monkeypatch: pytest.MonkeyP
 def test_compiled_step_split_into_ddp_buckets_keeps_its_gradients(monkeypatch: pytest.MonkeyPatch):
     """What overlaps the gradient all-reduce with the backward on 8 GPUs: the compiled step inside DDP, whose
     DDPOptimizer splits the graph at bucket boundaries (fullgraph still). Small buckets in a one-rank group
-    force several splits here; the split graphs keep the loss and every gradient. With issue 25's levers: parallel
-    blocks from block 3 on, and FUSE_GATE (two kernel convs per ConvMix)."""
+    force several splits here; the split graphs keep the loss and every gradient. With parallel blocks (issue 25's
+    lever) from block 3 on."""
     torch._dynamo.reset()  # else dynamo reuses an earlier test's graph of this model, which DDP never split
-    model, step_model = compiled_kernel_model(monkeypatch, PARALLEL_FROM="3", FUSE_GATE="4")
+    model, step_model = compiled_kernel_model(monkeypatch, PARALLEL_FROM="3")
     splits: list[int] = []
     compile_fn = DDPOptimizer.compile_fn
 

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 import train_gpt as tg
 from conftest import ROOT
-from convgpt_ops import causal_gather_conv_ref
 
 sys.path.insert(0, str(ROOT / "bench"))
 from worst_case_size import worst_case_bytes  # noqa: E402
@@ -28,9 +27,8 @@ CONFIGS = {
     "rope_half_untied_relu2": {"MEM_ROPE": "half", "TIE_EMBEDDINGS": "0", "MLP_ACT": "relu2", "MEM_TOPK": "1"},
     "no_smear_topk0": {"SMEAR_GATE": "0", "MEM_TOPK": "0", "MEM_ROPE": "none"},
     "no_bigram_dilated": {"BIGRAM_BUCKETS": "0", "CONV2D_LAYOUT": "dilated"},
-    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's levers (the default: the last 2 blocks parallel)
+    "parallel": {"PARALLEL_FROM": "3"},  # issue 25's lever (the default: the last 2 blocks parallel)
     "sequential": {"PARALLEL_FROM": "0"},
-    "fuse_gate": {"FUSE_GATE": "4"},
 }
 
 
@@ -65,7 +63,7 @@ def kernel_cases(*cases: tuple) -> list:
 # the configurations that exercise them
 CAUSALITY_CASES = [(name, qat, False) for name in CONFIGS for qat in (False, True)] + kernel_cases(
     ("default", True, True), ("rope_half_untied_relu2", False, True), ("conv1d_only", False, True),
-    ("no_bigram_dilated", False, True), ("fuse_gate", False, True))
+    ("no_bigram_dilated", False, True))
 
 
 @pytest.mark.parametrize("name,qat,triton", CAUSALITY_CASES)
@@ -85,8 +83,7 @@ def test_future_tokens_never_change_earlier_logits(name, qat, triton):
 
 
 @pytest.mark.parametrize("name,triton", [(name, False) for name in CONFIGS] + kernel_cases(("default", True),
-                                                                                          ("no_smear_topk0", True),
-                                                                                          ("fuse_gate", True)))
+                                                                                          ("no_smear_topk0", True)))
 def test_gradient_to_later_inputs_is_exactly_zero(name, triton):
     model = random_model(CONFIGS[name])
     tg.set_triton(model, triton)
@@ -120,7 +117,7 @@ def test_every_parameter_gets_a_gradient_from_one_step(name):
 
 @pytest.mark.slow
 @INTERPRETED
-@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2", "fuse_gate"])
+@pytest.mark.parametrize("name", ["default", "rope_half_untied_relu2"])
 def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
     """CONVGPT_TRITON=1 against 0 on the whole model: the kernels (interpreted on CPU) against the reference."""
     ids, targets = token_batch(1), token_batch(2)
@@ -157,33 +154,6 @@ def test_parallel_blocks_read_one_input():
         torch.testing.assert_close(block(x, x0), want)
         block.parallel = False
         assert not torch.allclose(block(x, x0), want)
-
-
-def test_fuse_gate_mixes_the_branches_per_token_and_starts_as_the_static_gate():
-    model = random_model({"FUSE_GATE": "4"})
-    mix, x = model.blocks[0].mixer, torch.randn(2, 9, 64)
-    with torch.no_grad():
-        u, g = mix.w_in(x).chunk(2, -1)
-        table, k = mix.tap_table.table[:9], mix.k1
-        m1 = F.silu(g) * causal_gather_conv_ref(u, table[:, :k], mix.taps[:, :k])
-        m2 = F.silu(g) * causal_gather_conv_ref(u, table[:, k:], mix.taps[:, k:])
-        f = torch.sigmoid(mix.fuse + mix.gate(x))
-        assert f.std(dim=(0, 1)).min() > 0  # the gate varies over tokens in every channel
-        torch.testing.assert_close(mix(x), mix.w_out(f * m1 + (1 - f) * m2))
-        static = tg.ConvGPT(tg.Hyperparameters(**{**vars(model.args), "fuse_gate": 0}))
-        static.load_state_dict({n: p for n, p in model.state_dict().items() if ".gate." not in n})
-        ids = token_batch()
-        assert not torch.allclose(model.forward_logits(ids), static.forward_logits(ids))
-        fresh = tg.ConvGPT(model.args)  # W2 zero at init: the static per-channel gate
-        fresh.load_state_dict({n: p for n, p in model.state_dict().items() if not n.endswith("gate.1.weight")}, strict=False)
-        torch.testing.assert_close(fresh.forward_logits(ids), static.forward_logits(ids))
-
-
-def test_fuse_gate_needs_both_branches():
-    with pytest.raises(tg.FatalError, match="FUSE_GATE=4 must be 0, or > 0 with both branches on"):
-        tg.Hyperparameters.from_env({"FUSE_GATE": "4", "CONV2D_K": "0"})
-    with pytest.raises(tg.FatalError, match="FUSE_GATE=-1"):
-        tg.Hyperparameters.from_env({"FUSE_GATE": "-1"})
 
 
 def test_smear_gate_never_blends_into_bos_or_position_zero():

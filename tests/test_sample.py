@@ -21,7 +21,6 @@ LAYOUTS = {  # the decoder must match the full forward in each (issue 24)
     "conv1d_only": {"CONV2D_K": "0"},
     "half_rope": {"MEM_ROPE": "half", "NUM_LAYERS": "8"},
     "sequential": {"PARALLEL_FROM": "0"},
-    "fuse_gate": {"FUSE_GATE": "4"},
 }
 SEQ = 1024
 PARITY_ATOL = 1e-4  # fp32 logits, issue 24
