@@ -139,12 +139,19 @@ def prepare_data(cli: argparse.Namespace) -> None:
     cli.data = str(folder)
 
 
+# Settings whose default changed after logs without them were written: such a log trained with this value.
+VALUE_BEFORE_ADDED = {"parallel_from": "0"}  # PARALLEL_FROM came in off; the default became -2 on 2026-12-06
+# Levers deleted after losing their A/B, with their off value: a log naming one at it trained today's code.
+RETIRED_OFF = {"recur": "", "mem_conv": "0", "route_pre_rope": "False", "fuse_gate": "0"}
+
+
 def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool = False) -> RunLog | None:
     """With --resume: the finished log of an earlier run with exactly these hyperparameters and world size, else
     None. A setting the log lacks matches only at its default: it was added after the run, and a new setting's
     default keeps what training computed before (the proxy default rerun after GPTQ, TTT_MODE and PRESET were
-    added reproduced its val_bpb to 8 decimals). The code is not compared: after a change to what training computes,
-    use a fresh --work. A run under tools/cuda_rules.py (its log says cuda_rules:) serves only --cuda-rules.
+    added reproduced its val_bpb to 8 decimals), except where that default changed since (VALUE_BEFORE_ADDED). A
+    deleted lever the log names matches only at its off value (RETIRED_OFF). The code is not compared: after a
+    change to what training computes, use a fresh --work. A run under tools/cuda_rules.py (its log says cuda_rules:) serves only --cuda-rules.
     One exception to the defaults rule: a CUDA log older than BODY_DTYPE trained with an fp32 stream, though it
     reads as bf16 (none existed when BODY_DTYPE was added, 2026-12-02)."""
     try:
@@ -153,9 +160,10 @@ def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool 
         expected = {key: str(value) for key, value in asdict(Hyperparameters.from_env(env)).items()}
     except (OSError, ValueError, FatalError):
         return None
-    defaults = {key: str(value) for key, value in asdict(Hyperparameters()).items()}
-    logged = {key: run.hp.get(key, defaults[key]) for key in expected}
-    same = logged == expected and set(run.hp) <= set(expected) and ("\ncuda_rules:" in "\n" + text) == cuda_rules
+    defaults = {key: str(value) for key, value in asdict(Hyperparameters()).items()} | VALUE_BEFORE_ADDED
+    hp = {key: value for key, value in run.hp.items() if RETIRED_OFF.get(key) != value}
+    logged = {key: hp.get(key, defaults[key]) for key in expected}
+    same = logged == expected and set(hp) <= set(expected) and ("\ncuda_rules:" in "\n" + text) == cuda_rules
     return run if same and run.world_size == world_size else None
 
 

@@ -166,7 +166,7 @@ def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_pat
                            if not line.startswith(("hp gptq", "hp ttt_mode", "hp ttt_lora", "hp preset"))))
     run = ablate.parse_log(log.read_text(), str(log))
     assert "gptq" not in run.hp and "ttt_mode" not in run.hp
-    env = {key.upper(): value for key, value in run.hp.items()}
+    env = {key.upper(): value for key, value in run.hp.items()} | {"PARALLEL_FROM": "0"}  # what it trained (below)
     assert ablate.reusable(log, env, run.world_size) is not None
     assert ablate.reusable(log, {**env, "GPTQ": "1"}, run.world_size) is None
     assert ablate.reusable(log, {**env, "TTT_MODE": "lora"}, run.world_size) is None
@@ -179,6 +179,23 @@ def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_pat
     emulated.write_text("cuda_rules:emulated autocast:cuda_bf16 body_dtype:as_on_cuda\n" + log.read_text())
     assert ablate.reusable(emulated, env, run.world_size, cuda_rules=True) is not None
     assert ablate.reusable(emulated, env, run.world_size) is None
+
+
+def test_resume_reads_an_older_log_by_what_it_trained_not_by_todays_defaults(tmp_path):
+    """A log from before PARALLEL_FROM trained sequential blocks: it serves PARALLEL_FROM=0, not today's default
+    (-2). A log naming a deleted lever serves today's code only when the lever was off."""
+    full = (ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text()
+    assert "hp parallel_from" not in full
+    log = tmp_path / "before.txt"
+    log.write_text(full)
+    env = {key.upper(): value for key, value in ablate.parse_log(full, str(log)).hp.items()}
+    assert ablate.reusable(log, env, 1) is None
+    assert ablate.reusable(log, {**env, "PARALLEL_FROM": "0"}, 1) is not None
+    for line, reused in (("hp mem_conv:0", True), ("hp mem_conv:4", False), ("hp fuse_gate:16", False),
+                         ("hp route_pre_rope:False", True), ("hp recur:", True), ("hp recur:2-3x2", False)):
+        retired = tmp_path / "retired.txt"
+        retired.write_text(line + "\n" + full)
+        assert (ablate.reusable(retired, {**env, "PARALLEL_FROM": "0"}, 1) is not None) == reused, line
 
 
 def test_equal_time_steps_share_the_reference_time():
