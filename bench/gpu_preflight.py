@@ -234,7 +234,7 @@ def render(stages: list[Stage], cli: argparse.Namespace, command: str, started: 
                   "ms/step is one optimizer step of the whole batch on this one device (8 micro-batches by "
                   "accumulation); on 8 GPUs each runs one micro-batch, so a step takes about ms/step / 8 plus the "
                   "gradient all-reduce. compile s is the warm-up (compiles), excluded from training time.", ""]
-        lines += mixer_ratio({s.name[6:]: s.facts for s in runs}) + baseline_ratio({s.name[6:]: s.facts for s in runs})
+        lines += step_ratios({s.name[6:]: s.facts for s in runs})
     for name, title in (("parity", "Parity tests on the device"), ("bench", "Kernel benchmark (bench/bench_ops.py)"),
                         ("aot", "Kernel resources for sm_90 (bench/kernel_resources.py)")):
         stage = next((s for s in stages if s.name == name), None)
@@ -244,25 +244,23 @@ def render(stages: list[Stage], cli: argparse.Namespace, command: str, started: 
     return "\n".join(lines)
 
 
-def mixer_ratio(facts: dict[str, dict[str, str]]) -> list[str]:
-    """The measured default / dense step time: what the conv and memory mixers buy against dense attention at the
-    default's shape, the number bench/cost_model.py predicts as ratio_to_attention (issue 12)."""
-    if "ms/step" not in facts.get("default", {}) or "ms/step" not in facts.get("dense", {}):
-        return []
-    ratio = float(facts["default"]["ms/step"]) / float(facts["dense"]["ms/step"])
-    return [f"default / dense ms/step: **{ratio:.3f}** measured here (dense: every mixer dense causal attention, "
-            "the same shape). `python bench/cost_model.py --json` predicts it for 8xH100 as `ratio_to_attention`; "
-            "this one-GPU step has no all-reduce, which both would pay about equally.", ""]
+RATIO_NOTES = {  # what default / <run> ms/step compares
+    "dense": "dense: every mixer dense causal attention, the same shape). `python bench/cost_model.py --json` predicts "
+             "it for 8xH100 as `ratio_to_attention` (issue 12); this one-GPU step has no all-reduce, which both would "
+             "pay about equally.",
+    "baseline": "baseline: the upstream parameter-golf train_gpt.py, unmodified: 9 attention blocks at d 512, the same "
+                "tokens per step; int8+zlib export, no sliding-window eval, no compile time printed).",
+}
 
 
-def baseline_ratio(facts: dict[str, dict[str, str]]) -> list[str]:
-    """The measured default / baseline step time: this trainer against the challenge's own starting point."""
-    if "ms/step" not in facts.get("default", {}) or "ms/step" not in facts.get("baseline", {}):
-        return []
-    ratio = float(facts["default"]["ms/step"]) / float(facts["baseline"]["ms/step"])
-    return [f"default / baseline ms/step: **{ratio:.3f}** measured here (baseline: the upstream parameter-golf "
-            "train_gpt.py, unmodified: 9 attention blocks at d 512, the same tokens per step; int8+zlib export, no "
-            "sliding-window eval, no compile time printed).", ""]
+def step_ratios(facts: dict[str, dict[str, str]]) -> list[str]:
+    """The measured default / dense and default / baseline step times, for the runs that report both."""
+    lines = []
+    for other, note in RATIO_NOTES.items():
+        if "ms/step" in facts.get("default", {}) and "ms/step" in facts.get(other, {}):
+            ratio = float(facts["default"]["ms/step"]) / float(facts[other]["ms/step"])
+            lines += [f"default / {other} ms/step: **{ratio:.3f}** measured here ({note}", ""]
+    return lines
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
