@@ -151,7 +151,8 @@ def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool 
     default keeps what training computed before (the proxy default rerun after GPTQ, TTT_MODE and PRESET were
     added reproduced its val_bpb to 8 decimals), except where that default changed since (VALUE_BEFORE_ADDED). A
     deleted lever the log names matches only at its off value (RETIRED_OFF). The code is not compared: after a
-    change to what training computes, use a fresh --work. A run under tools/cuda_rules.py (its log says cuda_rules:) serves only --cuda-rules.
+    change to what training computes, use a fresh --work. A run under tools/cuda_rules.py (its log says
+    cuda_rules:) serves only --cuda-rules.
     One exception to the defaults rule: a CUDA log older than BODY_DTYPE trained with an fp32 stream, though it
     reads as bf16 (none existed when BODY_DTYPE was added, 2026-12-02)."""
     try:
