@@ -1,32 +1,32 @@
 """Weight quantization and artifact format for ConvGPT-v2 (pure functions, no I/O).
 
-The trainer writes ``pack(quantize_state_dict(sd, plan, clip_ratios, hessians))`` (hessians: GPTQ's
-E[x x^T] per weight, optional) and restores
-with ``dequantize_state_dict(unpack(blob))``; ``fake_quant_int6`` is the matching
+The trainer writes ``pack(quantize_state_dict(sd, plan, clip_k, hessians))`` (hessians: GPTQ's E[x x^T] per
+weight, optional) and restores with ``dequantize_state_dict(unpack(blob))``; ``fake_quant_int6`` is the matching
 straight-through fake quantizer for quantization-aware training.
-plan[name]: "int6"/"int8" = per-row (dim 0) symmetric quantization of a 2-D tensor
-to int8 values in [-31, 31]/[-127, 127] plus one fp16 scale per row; "fp16"/"fp32"
-= plain cast. qsd: {name: {"kind", "shape": list[int], "dtype": "float32" |
-"float16" | "bfloat16" (restored on dequantize), "q": int8 [rows, cols], "scale":
-fp16 [rows]}}, with "data" (fp16/fp32, original shape) instead of q/scale for casts.
+plan[name]: "int6"/"int8" = per-row (dim 0) symmetric quantization of a 2-D tensor to int8 values in
+[-31, 31]/[-127, 127] plus one fp16 scale per row; "fp16"/"fp32" = plain cast. clip_k[name] (every int6/int8
+tensor): the row's clip in multiples of its root mean square, so the step is clip_k * rms(row) / qmax (row_step).
+A clip far beyond the row's max (12.85 rms against ~3.3 for a Gaussian row of 512) is a coarse grid, and a coarse
+grid's codes have low entropy: ~3.4 bits per Gaussian weight after zstd against ~5.4 with the clip at the row's
+max (bench/compressors.py). The rms, not the standard deviation: the grid is centred on zero, so a row of one
+constant keeps its value, and only a zero row has a zero clip (it comes back exactly zero). qsd: {name: {"kind",
+"shape": list[int], "dtype": "float32" | "float16" | "bfloat16" (restored on dequantize), "q": int8 [rows, cols],
+"scale": fp16 [rows]}}, with "data" (fp16/fp32, original shape) instead of q/scale for casts.
 
-Byte layout (FORMAT_VERSION 2): bytes 0-2 b"CGQ", byte 3 the version, then one
-zstd frame (level 22, content size and checksum recorded) holding: uint32 LE
-header length H | H bytes of UTF-8 JSON | payload. JSON (keys sorted):
-{"tensors": [{"name", "kind", "shape", "dtype", "parts": {part: [offset, length]}}]}
-in name order; parts "q" (int8) + "scale" (fp16 LE) or "data" (fp16/fp32 LE) tile
-the payload contiguously from offset 0: first every "q" part in entry order, then
-every other part in entry order. Version 1 interleaved them per tensor, and the
-fp16 bytes between the int6 blocks cost zstd 0.2-0.6 MB on a 21.8M-parameter
-model, depending on the seed (tests/test_quantize.py measures it).
+Byte layout (FORMAT_VERSION 3): bytes 0-2 b"CGQ", byte 3 the version, then one zstd frame (level 22, content
+size and checksum recorded) holding: payload | H bytes of UTF-8 JSON | uint32 LE H. JSON (keys sorted):
+{"tensors": [{"name", "kind", "shape", "dtype", "parts": {part: [offset, length]}}]} in name order; parts "q"
+(int8) + "scale" (fp16 LE) or "data" (fp16/fp32 LE) tile the payload contiguously from offset 0: first every "q"
+part in entry order, then every other part in entry order. Version 2 put the header first, and zstd-22's
+statistics primed on the JSON cost ~10% of the coarse grid's frame; version 1 interleaved q and fp16 parts per
+tensor (tests/test_quantize.py measures both).
 
 Invariants:
   - pack is deterministic; unpack(pack(qsd)) dequantizes bit-identically to qsd.
-  - clip_ratios=(1.0,): q * scale is within half a step (the row's stored scale)
-    of each int6/int8 value, before the cast back to the source dtype; zero rows
-    come back exactly zero; fp32 passthrough is bit-exact, fp16 equals t.half().
-  - fake_quant_int6(w) forward equals the int6 round trip of w, also when compiled.
-  - GPTQ (hessians given): per row, output_error is at most the clip search's on the calibration inputs.
+  - every q is round(w / step) clamped to [-qmax, qmax], step = row_step(w, clip_k, qmax): within half a step of
+    w where |w| <= clip; zero rows come back exactly zero; fp32 passthrough is bit-exact, fp16 equals t.half().
+  - fake_quant_int6(w, k) forward equals the int6 round trip of w at clip k, also when compiled.
+  - GPTQ (hessians given): per row, output_error is at most round-to-nearest's on the calibration inputs.
   - unpack raises ValueError on a foreign, truncated, corrupt or other-version blob.
 
 Tests: python -m pytest -q tests/test_quantize.py
@@ -40,7 +40,7 @@ import numpy as np
 import torch
 import zstandard
 
-FORMAT_VERSION = 2  # bump when the byte layout changes
+FORMAT_VERSION = 3  # bump when the byte layout changes
 MAGIC = b"CGQ"  # ConvGPT Quantized; followed by one FORMAT_VERSION byte
 INT6_MAX = 31  # symmetric int6 levels: [-31, 31], 63 values
 INT8_MAX = 127  # symmetric int8 levels: [-127, 127], 255 values
@@ -53,32 +53,27 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 STORAGE = {torch.int8: np.dtype("i1"), torch.float16: np.dtype("<f2"), torch.float32: np.dtype("<f4")}
 
 
-def _fp16_scale(amax: torch.Tensor, qmax: int) -> torch.Tensor:
-    """Step amax/qmax rounded to the nearest fp16 normal (zero rows stay exact, rounding error
-    < 2**-11 relative), as fp32; via frexp/ldexp because torch.compile elides .half().float()."""
-    significand, exponent = torch.frexp((amax / qmax).clamp(FP16.tiny, FP16.max))
+def row_step(w: torch.Tensor, clip_k: float, qmax: int) -> torch.Tensor:
+    """Per-row step clip_k * rms(row) / qmax of a 2-D float tensor, [rows, 1], rounded to the nearest fp16 normal
+    (rounding error < 2**-11 relative; zero rows get the smallest, so they stay exact), as fp32; via frexp/ldexp
+    because torch.compile elides .half().float()."""
+    rms = w.square().mean(dim=1, keepdim=True).sqrt()
+    significand, exponent = torch.frexp((clip_k * rms / qmax).clamp(FP16.tiny, FP16.max))
     return torch.ldexp(torch.round(significand * 2**11) / 2**11, exponent)
 
 
-def fake_quant_int6(w: torch.Tensor) -> torch.Tensor:
-    """Per-row int6 fake quantization of a 2-D weight with a straight-through gradient."""
-    wf = w.float()
-    scale = _fp16_scale(wf.detach().abs().amax(dim=1, keepdim=True), INT6_MAX)
-    deq = (torch.round(wf.detach() / scale).clamp(-INT6_MAX, INT6_MAX) * scale).to(w.dtype)
+def fake_quant_int6(w: torch.Tensor, clip_k: float) -> torch.Tensor:
+    """Per-row int6 fake quantization of a 2-D weight at clip clip_k (row_step) with a straight-through gradient."""
+    wf = w.detach().float()
+    step = row_step(wf, clip_k, INT6_MAX)
+    deq = (torch.round(wf / step).clamp(-INT6_MAX, INT6_MAX) * step).to(w.dtype)
     return deq + (w - w.detach())
 
 
-def _quantize_rows(w: torch.Tensor, qmax: int, clip_ratios: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization, keeping per row the clip ratio with least squared error."""
-    amax = w.abs().amax(dim=1, keepdim=True)
-    best_err, best_q, best_s = torch.full_like(amax, math.inf), torch.zeros_like(w), torch.zeros_like(amax)
-    for ratio in clip_ratios:
-        s = _fp16_scale(ratio * amax, qmax)
-        q = torch.round(w / s).clamp(-qmax, qmax)
-        err = (q * s - w).square().sum(dim=1, keepdim=True)
-        better = err < best_err
-        best_err, best_q, best_s = err.where(better, best_err), q.where(better, best_q), s.where(better, best_s)
-    return best_q.to(torch.int8), best_s.flatten().half()
+def _quantize_rows(w: torch.Tensor, qmax: int, clip_k: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric round-to-nearest: (q int8, step fp16)."""
+    step = row_step(w, clip_k, qmax)
+    return torch.round(w / step).clamp(-qmax, qmax).to(torch.int8), step.flatten().half()
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
@@ -102,12 +97,12 @@ def _gptq_levels(w: torch.Tensor, u: torch.Tensor, scale: torch.Tensor, qmax: in
     return q
 
 
-def gptq_quantize_rows(w: torch.Tensor, hessian: torch.Tensor, qmax: int, clip_ratios: Sequence[float],
+def gptq_quantize_rows(w: torch.Tensor, hessian: torch.Tensor, qmax: int, clip_k: float,
                        block_size: int, damp: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric quantization of w [rows, cols] by GPTQ with H = E[x x^T] [cols, cols] of its inputs,
-    columns in descending order of H's diagonal; damp is the fraction of H's mean diagonal added to it. Per row,
-    the candidate with least output_error wins among GPTQ and round-to-nearest at every clip ratio, so no row is
-    worse on the calibration inputs than the clip search. Returns _quantize_rows' (q int8, scale fp16)."""
+    """Per-row symmetric quantization of w [rows, cols] on row_step's grid by GPTQ with H = E[x x^T] [cols, cols]
+    of its inputs, columns in descending order of H's diagonal; damp is the fraction of H's mean diagonal added to
+    it. Per row, the one of GPTQ and round-to-nearest with the smaller output_error wins, so no row is worse on the
+    calibration inputs than plain rounding. Returns _quantize_rows' (q int8, step fp16)."""
     h = hessian.float().clone()
     dead = h.diagonal() <= 0  # inputs that were always zero: plain rounding, no error feedback
     h[dead, :], h[:, dead] = 0, 0
@@ -120,24 +115,21 @@ def gptq_quantize_rows(w: torch.Tensor, hessian: torch.Tensor, qmax: int, clip_r
     except torch.linalg.LinAlgError:
         raise ValueError(f"the Hessian damped by {damp} of its mean diagonal is not positive definite; raise the "
                          f"damping") from None
-    amax = w.abs().amax(dim=1)
-    scales = torch.stack([_fp16_scale(ratio * amax, qmax) for ratio in clip_ratios])
-    gptq = _gptq_levels(w[:, order].expand(len(clip_ratios), -1, -1), u, scales, qmax, block_size)
-    levels = torch.cat((gptq[..., torch.argsort(order)], torch.round(w / scales[..., None]).clamp(-qmax, qmax)))
-    scales = torch.cat((scales, scales))
-    best = output_error(levels * scales[..., None] - w, h).argmin(0)
+    step = row_step(w, clip_k, qmax).flatten()
+    gptq = _gptq_levels(w[:, order], u, step, qmax, block_size)[:, torch.argsort(order)]
+    levels = torch.stack((gptq, torch.round(w / step[:, None]).clamp(-qmax, qmax)))
+    best = output_error(levels * step[:, None] - w, h).argmin(0)
     rows = torch.arange(len(w), device=w.device)
-    return levels[best, rows].to(torch.int8).cpu(), scales[best, rows].half().cpu()
+    return levels[best, rows].to(torch.int8).cpu(), step.half().cpu()
 
 
 def quantize_state_dict(
-    state_dict: Mapping[str, torch.Tensor], plan: Mapping[str, str], clip_ratios: Sequence[float] = (1.0,),
+    state_dict: Mapping[str, torch.Tensor], plan: Mapping[str, str], clip_k: Mapping[str, float],
     hessians: Mapping[str, torch.Tensor] | None = None, gptq_block: int = 128, gptq_damp: float = 0.01,
 ) -> dict:
-    """Quantize every tensor as plan[name] says ("int6", "int8", "fp16" or "fp32"); an int6/int8 tensor with an
-    entry in hessians (E[x x^T] of its inputs, on any device; GPTQ runs there) is quantized by GPTQ."""
-    if not clip_ratios:
-        raise ValueError("clip_ratios must not be empty")
+    """Quantize every tensor as plan[name] says ("int6", "int8", "fp16" or "fp32"), an int6/int8 one at clip
+    clip_k[name] (> 0); one with an entry in hessians (E[x x^T] of its inputs, on any device; GPTQ runs there)
+    by GPTQ."""
     hessians = hessians or {}
     qsd = {}
     for name, t in state_dict.items():
@@ -146,17 +138,19 @@ def quantize_state_dict(
             raise ValueError(f"{name}: unsupported dtype {dtype}")
         entry = {"kind": kind, "shape": list(t.shape), "dtype": dtype}
         if kind in QMAX:
+            k, h = clip_k.get(name), hessians.get(name)
             if t.dim() != 2:
                 raise ValueError(f"{name}: {kind} needs a 2-D tensor, got shape {list(t.shape)}")
-            h = hessians.get(name)
+            if not (isinstance(k, (int, float)) and 0 < k < math.inf):
+                raise ValueError(f"{name}: the clip k must be a finite number > 0, got {k!r}")
             if h is None:
-                entry["q"], entry["scale"] = _quantize_rows(t.float(), QMAX[kind], clip_ratios)
+                entry["q"], entry["scale"] = _quantize_rows(t.float(), QMAX[kind], k)
             elif tuple(h.shape) != (t.shape[1],) * 2:
                 raise ValueError(f"{name}: Hessian of shape {list(h.shape)} for a weight of shape {list(t.shape)}")
             else:
                 try:
-                    entry["q"], entry["scale"] = gptq_quantize_rows(t.float().to(h.device), h, QMAX[kind],
-                                                                    clip_ratios, gptq_block, gptq_damp)
+                    entry["q"], entry["scale"] = gptq_quantize_rows(t.float().to(h.device), h, QMAX[kind], k,
+                                                                    gptq_block, gptq_damp)
                 except ValueError as e:
                     raise ValueError(f"{name}: {e}") from None
         elif kind in PASSTHROUGH:
@@ -196,7 +190,7 @@ def pack(qsd: Mapping) -> bytes:
         entries[i]["parts"][part], offset = [offset, len(raw)], offset + len(raw)
         chunks.append(raw)
     header = json.dumps({"tensors": entries}, sort_keys=True, separators=(",", ":")).encode()
-    body = struct.pack("<I", len(header)) + header + b"".join(chunks)
+    body = b"".join(chunks) + header + struct.pack("<I", len(header))
     frame = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_checksum=True, threads=0).compress(body)
     return MAGIC + bytes([FORMAT_VERSION]) + frame
 
@@ -260,10 +254,10 @@ def unpack(blob: bytes) -> dict:
     except zstandard.ZstdError as err:
         raise _corrupt(f"zstd: {err}") from None
     try:
-        (hlen,) = struct.unpack_from("<I", body)
-        if 4 + hlen > len(body):
+        (hlen,) = struct.unpack_from("<I", body, max(0, len(body) - 4))
+        if hlen + 4 > len(body):
             raise _corrupt("header length exceeds the data")
-        header, payload = json.loads(body[4 : 4 + hlen]), body[4 + hlen :]
+        header, payload = json.loads(body[len(body) - 4 - hlen : -4]), body[: len(body) - 4 - hlen]
         return _read_payload(header["tensors"], payload)
     except (struct.error, json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as err:
         raise _corrupt(f"bad header ({type(err).__name__}: {err})") from None

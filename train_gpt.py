@@ -59,7 +59,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from convgpt_ops import (CONV2D_LAYOUTS, MAX_SEQ_LEN, check_memory_sizes, chunk_memory_ref, chunk_memory_triton,
                          conv_taps, conv_taps_inverse, gated_gather_conv, gated_gather_conv_ref, memory_is_dense,
                          self_test_kernels, triton_enabled)
-from quantize import dequantize_state_dict, fake_quant_int6, output_error, pack, quantize_state_dict, unpack
+from quantize import QMAX, dequantize_state_dict, fake_quant_int6, output_error, pack, quantize_state_dict, unpack
 
 # ----------------------------------------------------------------------------- config
 
@@ -76,7 +76,6 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Muon (Keller Jor
 NS_EPS = 1e-7
 EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA_DECAY
 SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
-CLIP_RATIOS = (1.0, 0.98, 0.95, 0.92, 0.88, 0.84, 0.8)  # per-row clip search at export (GPTQ-lite)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
 PRESETS = {  # PRESET=name sets these defaults together; a setting given in the environment still wins
@@ -163,7 +162,9 @@ class Hyperparameters:
     qat_start_frac: float = 0.0  # fraction of the run (steps or wallclock, whichever is further) before QAT
     ema_decay: float = 0.997
     embed_quant: str = "int8"
-    clip_search: bool = True
+    matrix_clip_k: float = 12.85  # int6 clip of a block matrix row, in multiples of its rms (QAT and export)
+    bigram_clip_k: float = 12.85  # the same for BigramHash's table and projection (int6, no QAT)
+    embed_clip_k: float = 20.0  # the same for the tied embedding, at EMBED_QUANT's int8 or int6
     gptq: bool = False  # GPTQ at export, Hessians from training batches, inside the cap (its time is reserved)
     gptq_calib_batches: int = 2  # training batches (TRAIN_BATCH_TOKENS each) whose block inputs give the Hessians
     gptq_block: int = 128  # columns per lazy GPTQ update
@@ -255,6 +256,9 @@ class Hyperparameters:
              f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
+            (all(0 < k < math.inf for k in (self.matrix_clip_k, self.bigram_clip_k, self.embed_clip_k)),
+             f"MATRIX_CLIP_K={self.matrix_clip_k}, BIGRAM_CLIP_K={self.bigram_clip_k} and EMBED_CLIP_K={self.embed_clip_k} "
+             f"must be finite and > 0"),
             (-self.num_layers <= self.parallel_from <= self.num_layers,
              f"PARALLEL_FROM={self.parallel_from} must lie in -NUM_LAYERS..NUM_LAYERS={self.num_layers}"),
         ]
@@ -483,18 +487,17 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear; the fp32 weight is cast to the activation dtype, STE int6 fake-quantized when qat.
-    Gaussian init with nn.Linear's variance: uniform rows fill all 63 int6 levels evenly (~6 bits per weight
-    after zstd), Gaussian ones ~5.3, which is what keeps even an undertrained default model under the cap."""
+    """Bias-free linear; the fp32 weight is cast to the activation dtype, STE int6 fake-quantized at clip clip_k
+    when qat (set_qat sets both). Gaussian init with nn.Linear's variance."""
 
     def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
         super().__init__(in_features, out_features, bias=False)
-        self.qat = False
+        self.qat, self.clip_k = False, math.inf
         self.lora: tuple[Tensor, Tensor] | None = None  # LoRA TTT: A [B, r, in], B [B, out, r], one per sequence
         nn.init.normal_(self.weight, std=0.0 if zero_init else (3 * in_features) ** -0.5)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = fake_quant_int6(self.weight) if self.qat else self.weight
+        w = fake_quant_int6(self.weight, self.clip_k) if self.qat else self.weight
         y = F.linear(x, w.to(x.dtype))
         if self.lora is None:
             return y
@@ -704,7 +707,7 @@ def block_matrices(model: ConvGPT) -> dict[str, CastedLinear]:
 
 def set_qat(model: ConvGPT, on: bool) -> None:
     for m in block_matrices(model).values():
-        m.qat = on
+        m.qat, m.clip_k = on, model.args.matrix_clip_k
 
 
 def set_triton(model: ConvGPT, on: bool) -> None:
@@ -1024,11 +1027,14 @@ def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Cal
 
 # ----------------------------------------------------------------------------- export
 
-def quant_plan(model: ConvGPT) -> dict[str, str]:
-    matrices = {*block_matrices(model), "bigram.embed.weight", "bigram.proj.weight"}
-    embeddings = ("tok_emb.weight", "lm_head.weight")
-    return {name: "int6" if name in matrices else model.args.embed_quant if name in embeddings else "fp16"
-            for name in model.state_dict()}
+def quant_plan(model: ConvGPT) -> tuple[dict[str, str], dict[str, float]]:
+    """(kind, clip k) of every tensor of the artifact: quantize_state_dict's plan and clip_k."""
+    args = model.args
+    kinds = {**{name: ("int6", args.matrix_clip_k) for name in block_matrices(model)},
+             **{name: ("int6", args.bigram_clip_k) for name in ("bigram.embed.weight", "bigram.proj.weight")},
+             **{name: (args.embed_quant, args.embed_clip_k) for name in ("tok_emb.weight", "lm_head.weight")}}
+    plan = {name: kinds.get(name, ("fp16",))[0] for name in model.state_dict()}
+    return plan, {name: kinds[name][1] for name, kind in plan.items() if kind in QMAX}
 
 
 def code_files() -> list[Path]:
@@ -1086,22 +1092,22 @@ def relative_output_error(state: Mapping[str, Tensor], qsd: Mapping, hessians: M
 
 
 def quantize_model(model: ConvGPT, d: Dist, log: Callable[[str], None]) -> dict:
-    """The artifact's tensors: clip search, or GPTQ (GPTQ=1), whose output error is logged next to the clip
-    search's and whose time (calibration included) must fit in GPTQ_RESERVE_SECONDS when the cap is on."""
+    """The artifact's tensors: round to nearest on each row's grid, or GPTQ (GPTQ=1), whose output error is logged
+    next to rounding's and whose time (calibration included) must fit in GPTQ_RESERVE_SECONDS when the cap is on."""
     args, t0 = model.args, time.perf_counter()
     state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
-    plan, ratios = quant_plan(model), CLIP_RATIOS if args.clip_search else (1.0,)
+    plan, clip_k = quant_plan(model)
     if not args.gptq:
-        return quantize_state_dict(state, plan, ratios)
+        return quantize_state_dict(state, plan, clip_k)
     hessians = collect_hessians(model, d)
     try:
-        qsd = quantize_state_dict(state, plan, ratios, hessians, args.gptq_block, args.gptq_damp)
+        qsd = quantize_state_dict(state, plan, clip_k, hessians, args.gptq_block, args.gptq_damp)
     except ValueError as e:
         raise FatalError(f"GPTQ: {e}; no artifact written") from None
     ms = 1000 * (time.perf_counter() - t0)
-    clip = quantize_state_dict({name: state[name] for name in hessians}, plan, ratios)
+    rounded = quantize_state_dict({name: state[name] for name in hessians}, plan, clip_k)
     log(f"gptq matrices:{len(hessians)} calib_tokens:{args.gptq_calib_batches * args.train_batch_tokens} "
-        f"output_err_clip:{relative_output_error(state, clip, hessians):.4e} "
+        f"output_err_round:{relative_output_error(state, rounded, hessians):.4e} "
         f"output_err_gptq:{relative_output_error(state, qsd, hessians):.4e} time:{ms:.0f}ms")
     if args.max_wallclock_seconds > 0 and ms > 1000 * args.gptq_reserve_seconds:
         raise FatalError(f"calibration + GPTQ took {ms / 1000:.1f} s, over GPTQ_RESERVE_SECONDS={args.gptq_reserve_seconds}: "

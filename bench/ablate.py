@@ -51,60 +51,12 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench import cost_model  # noqa: E402
+from bench.configs import CONFIGS, SCALES, VAL_SLICE_TOKENS, config_env  # noqa: E402
 from bench.flops import count_forward_flops  # noqa: E402
 from data.common import read_shard, write_shard  # noqa: E402
 from tools.runlog import RunLog, parse_log  # noqa: E402
 from train_gpt import FatalError, Hyperparameters  # noqa: E402
-
-CONFIGS: dict[str, dict[str, str]] = {
-    "default": {},
-    "conv1d_only": {"MEM_EVERY": "0", "CONV2D_K": "0"},
-    "conv1d_2d": {"MEM_EVERY": "0"},
-    "dense": {"MEM_EVERY": "1", "MEM_TOPK": "1000000"},  # same parameters: a memory block's mixer is 3d^2 like ConvMix
-    **{f"topk{k}": {"MEM_TOPK": str(k)} for k in (1, 2, 4, 8)},
-    **{f"chunk{c}": {"MEM_CHUNK": str(c)} for c in (32, 64, 128)},
-    **{f"rope_{r}": {"MEM_ROPE": r} for r in ("all", "half", "none")},
-    "relu2": {"MLP_ACT": "relu2"},
-    "qat_late": {"QAT_START_FRAC": "0.7"},
-    "no_qat": {"QAT": "0"},
-    "no_clip_search": {"CLIP_SEARCH": "0"},
-    "gptq": {"GPTQ": "1"},
-    "embed_fp16": {"EMBED_QUANT": "fp16"},
-    "no_muon_wd": {"MUON_WEIGHT_DECAY": "0"},
-    "ema_0999": {"EMA_DECAY": "0.999"},
-    "no_bigram": {"BIGRAM_BUCKETS": "0"},
-    "body_fp32": {"BODY_DTYPE": "fp32"},  # the residual stream fp32 on CUDA; on CPU only with --cuda-rules
-    "dilated": {"CONV2D_LAYOUT": "dilated"},  # the 2D branch's taps as a plain dilated 1D conv: does Hilbert earn its place?
-    "train_seq_x2": {},  # TRAIN_SEQ_LEN and EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN (golf: 2048)
-    "eval_seq_x2": {},  # EVAL_SEQ_LEN at twice the scale's TRAIN_SEQ_LEN
-    "ttt": {"TTT_EPOCHS": "3", "TTT_CHUNK_TOKENS": "32768"},
-    "sequential": {"PARALLEL_FROM": "0"},  # no parallel residuals (the default has them in the last 2 blocks)
-    "parallel3": {"PARALLEL_FROM": "-3"},  # parallel residuals in the last 3 blocks
-}
-VAL_SLICE_TOKENS = {"proxy": 131_072}  # validation targets the scale scores: the first N + 1 tokens of the val shards
-SEQ_DOUBLED = {"train_seq_x2": ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN"), "eval_seq_x2": ("EVAL_SEQ_LEN",)}
-SCALES: dict[str, dict[str, str]] = {
-    "golf": {},  # the trainer's defaults: d = 512, 9 layers, seq 1024
-    # golf sequence geometry (seq 1024, 16 chunks of 64, top-4), narrow and shallow: 5 layers keep the default
-    # pattern's share of memory blocks (2 of 5; golf 4 of 9); two runs at once on 2 cores take 2.9-3.1 s/step each,
-    # so a pair of 300-step runs takes ~18 min with evaluation (~9 min per run); 8 sequences per step is the least
-    # at seq 1024 (8 micro-batches of one sequence); sliding stride 256 (golf 64) keeps evaluation at a quarter of
-    # the cost with >= 768 tokens of context per target
-    "proxy": {"NUM_LAYERS": "5", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "1024",
-              "EVAL_SEQ_LEN": "1024", "EVAL_STRIDE": "256", "TRAIN_BATCH_TOKENS": "8192", "MEM_CHUNK": "64",
-              "MEM_TOPK": "4", "ITERATIONS": "300", "WARMDOWN_ITERS": "180", "WARMUP_STEPS": "2",
-              "TRAIN_LOG_EVERY": "25", "VAL_LOSS_EVERY": "75", "VAL_BATCH_SIZE": "65536"},
-    "tiny": {"NUM_LAYERS": "4", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "256",
-             "TRAIN_BATCH_TOKENS": "8192", "MEM_CHUNK": "32", "ITERATIONS": "100000", "WARMDOWN_ITERS": "60",
-             "WARMUP_STEPS": "2", "TRAIN_LOG_EVERY": "50", "VAL_LOSS_EVERY": "0", "VAL_BATCH_SIZE": "65536"},
-}
-
-
-def config_env(name: str, scale: str) -> dict[str, str]:
-    """A configuration's settings at a scale (the doubled sequence lengths depend on the scale's)."""
-    seq = 2 * int(SCALES[scale].get("TRAIN_SEQ_LEN", Hyperparameters.train_seq_len))
-    return {**CONFIGS[name], **{key: str(seq) for key in SEQ_DOUBLED.get(name, ())}}
-
 
 def settings(name: str, cli: argparse.Namespace) -> dict[str, str]:
     """Every setting a run of this configuration gets apart from its seed, budget and paths."""
@@ -193,8 +145,6 @@ def launch(run_id: str, env: dict[str, str], cli: argparse.Namespace, reuse: boo
 def predicted_ms(names: list[str]) -> dict[str, float]:
     """8xH100 ms per step (bench/cost_model.py) of each configuration at its golf shape: its own settings on the
     trainer's defaults, at the sequence length they give."""
-    from bench import cost_model  # it imports this module's CONFIGS
-
     rates = cost_model.calibrate()
     envs = {name: config_env(name, "golf") for name in names}
     return {name: cost_model.predict(env, int(env.get("TRAIN_SEQ_LEN", Hyperparameters.train_seq_len)), rates, None,

@@ -82,7 +82,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import train_gpt  # noqa: E402
-from bench.ablate import CONFIGS  # noqa: E402
+from bench.configs import CONFIGS  # noqa: E402
 from bench.flops import count_forward_flops, memory_keys  # noqa: E402
 from convgpt_ops import chunk_memory_ref, chunk_picks, memory_is_dense, memory_schedule  # noqa: E402
 from train_gpt import ChunkMemory, FatalError, Hyperparameters  # noqa: E402

@@ -53,7 +53,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.ablate import CONFIGS  # noqa: E402
+from bench.configs import CONFIGS  # noqa: E402
 from tools.runlog import RunLog, parse_log  # noqa: E402
 
 TRAIN_CONFIGS = ("default", "dense", "conv1d_only")

@@ -36,12 +36,12 @@ def worst_case_bytes(args: tg.Hyperparameters, seed: int = 0) -> dict[str, int]:
     and the code and total bytes when the code is packed."""
     torch.manual_seed(seed)
     model = tg.ConvGPT(args)
-    plan = tg.quant_plan(model)
+    plan, clip_k = tg.quant_plan(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if plan[name] in QMAX:
                 p.normal_(0, p.shape[1] ** -0.5)
-    model_bytes = len(pack(quantize_state_dict(model.state_dict(), plan, tg.CLIP_RATIOS)))
+    model_bytes = len(pack(quantize_state_dict(model.state_dict(), plan, clip_k)))
     total = model_bytes + tg.code_bytes()
     packed = len(pack_code.pack(pack_code.sources(ROOT)).encode(pack_code.ENCODING))
     return {"params": sum(p.numel() for p in model.parameters()), "bytes_model": model_bytes,
