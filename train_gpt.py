@@ -25,6 +25,8 @@ Invariants
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total); DDP averages the
     gradients once per step, overlapped with the last backward (tests/test_train.py: 2 processes = 1).
   * The artifact is written atomically, only from finite weights and only under the cap.
+  * QAT trains on the export grid: each block matrix row's step is MATRIX_CLIP_K x its rms / 31 in the fake
+    quantizer and in the artifact alike (tests/test_model.py: QAT logits = the round trip's).
   * GPTQ reads training data (its Hessians) after the loop, so the loop ends GPTQ_RESERVE_SECONDS before the cap
     and calibration + GPTQ must finish inside the reserve, or no artifact is written (CHALLENGE.md: training).
   * With the Triton kernels on, each runs once against its reference before training (one error line naming

@@ -92,7 +92,10 @@ def prepare_data(cli: argparse.Namespace) -> None:
 
 
 # Settings whose default changed after logs without them were written: such a log trained with this value.
-VALUE_BEFORE_ADDED = {"parallel_from": "0"}  # PARALLEL_FROM came in off; the default became -2 on 2026-12-06
+# The clip k settings came with the rms grid (2026-12-06); a log without them exported on the row-max grid, which
+# no setting of today's code reproduces.
+VALUE_BEFORE_ADDED = {"parallel_from": "0",  # PARALLEL_FROM came in off; the default became -2 on 2026-12-06
+                      **dict.fromkeys(("matrix_clip_k", "bigram_clip_k", "embed_clip_k"), "row max")}
 # Levers deleted after losing their A/B, with their off value: a log naming one at it trained today's code.
 RETIRED_OFF = {"recur": "", "mem_conv": "0", "route_pre_rope": "False", "fuse_gate": "0"}
 

@@ -156,11 +156,31 @@ def test_eval_at_resume_and_plot(smoke_data, tmp_path, capsys):
     assert "default_seed1 exit:0" in out and "default_seed1_eval128 exit:0" in out and "dense_seed1 reused:" in out
 
 
+def on_todays_grid(text: str) -> str:
+    """A committed proxy log (row-max grid, CLIP_SEARCH) as if it had exported on the default rms grid."""
+    grid = "".join(f"hp {name}:{getattr(ablate.Hyperparameters, name)}\n"
+                   for name in ("matrix_clip_k", "bigram_clip_k", "embed_clip_k"))
+    return grid + "".join(line for line in text.splitlines(keepends=True) if not line.startswith("hp clip_search"))
+
+
+def test_resume_never_reuses_a_log_from_the_row_max_grid(tmp_path):
+    """Logs from before the rms grid (CLIP_SEARCH, no clip k) exported a grid that today's code cannot: no reuse,
+    with or without the retired CLIP_SEARCH line; the same log on today's grid is reused."""
+    full = (ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text()
+    env = {key.upper(): value for key, value in ablate.parse_log(full, str(tmp_path)).hp.items() if key != "clip_search"}
+    env["PARALLEL_FROM"] = "0"
+    no_search = "".join(line for line in full.splitlines(keepends=True) if not line.startswith("hp clip_search"))
+    for name, text, reused in (("old", full, False), ("no_search", no_search, False), ("today", on_todays_grid(full), True)):
+        log = tmp_path / f"{name}.txt"
+        log.write_text(text)
+        assert (ablate.reusable(log, env, 1) is not None) == reused, name
+
+
 def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_path):
     """A log written before GPTQ, TTT_MODE and PRESET existed (a committed proxy log without those lines) is reused
     while those settings stay at their defaults, and not when one of them is set, or when the log names an unknown
     setting."""
-    full = (ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text()
+    full = on_todays_grid((ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text())
     log = tmp_path / "older.txt"
     log.write_text("".join(line for line in full.splitlines(keepends=True)
                            if not line.startswith(("hp gptq", "hp ttt_mode", "hp ttt_lora", "hp preset"))))
@@ -184,7 +204,7 @@ def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_pat
 def test_resume_reads_an_older_log_by_what_it_trained_not_by_todays_defaults(tmp_path):
     """A log from before PARALLEL_FROM trained sequential blocks: it serves PARALLEL_FROM=0, not today's default
     (-2). A log naming a deleted lever serves today's code only when the lever was off."""
-    full = (ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text()
+    full = on_todays_grid((ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text())
     assert "hp parallel_from" not in full
     log = tmp_path / "before.txt"
     log.write_text(full)

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import quantize as Q
 import train_gpt as tg
 from conftest import ROOT
 
@@ -135,6 +136,21 @@ def test_triton_model_matches_reference_in_logits_and_every_gradient(name):
         torch.testing.assert_close(grads[n], g, rtol=1e-3, atol=1e-5, msg=lambda m: f"{n}: {m}")
 
 
+def test_qat_forward_is_the_artifacts_round_trip_of_the_block_matrices():
+    """QAT trains on the export grid: with QAT on, the logits are those of the same model whose block matrices are
+    the artifact's (quantize, pack, unpack, dequantize) with QAT off."""
+    model = random_model({})
+    ids = token_batch()
+    plain = model.forward_logits(ids)
+    tg.set_qat(model, True)
+    want = model.forward_logits(ids)
+    plan, clip_k = tg.quant_plan(model)
+    restored = Q.dequantize_state_dict(Q.unpack(Q.pack(Q.quantize_state_dict(model.state_dict(), plan, clip_k))))
+    other = random_model({}, seed=1)
+    other.load_state_dict({**model.state_dict(), **{name: restored[name] for name in tg.block_matrices(model)}})
+    assert torch.equal(other.forward_logits(ids), want) and not torch.allclose(want, plain, atol=1e-3)
+
+
 def test_parallel_from_counts_from_the_first_block_or_back_from_the_last():
     flags = {k: [b.parallel for b in random_model({"PARALLEL_FROM": k}).blocks] for k in ("0", "2", "-1", "-4", "4")}
     assert flags == {"0": [False] * 4, "2": [False, True, True, True], "-1": [False] * 3 + [True], "-4": [True] * 4,
@@ -200,8 +216,13 @@ def test_bigram_hash_buckets_and_every_parameter_in_one_optimizer_group():
     optimizers = tg.build_optimizers(model, model.args, tg.zeropower_via_newtonschulz5)
     owned = [id(p) for opt in optimizers for group in opt.param_groups for p in group["params"]]
     assert sorted(owned) == sorted(id(p) for p in model.parameters())
-    plan = tg.quant_plan(model)
+    plan, clip_k = tg.quant_plan(model)
     assert plan["bigram.embed.weight"] == plan["bigram.proj.weight"] == "int6" and plan["bigram.scale"] == "fp16"
+    args = model.args
+    assert clip_k["bigram.embed.weight"] == clip_k["bigram.proj.weight"] == args.bigram_clip_k
+    assert clip_k["tok_emb.weight"] == args.embed_clip_k and plan["tok_emb.weight"] == args.embed_quant
+    assert {name: k for name, k in clip_k.items() if name.startswith("blocks.")} == dict.fromkeys(tg.block_matrices(model), args.matrix_clip_k)
+    assert set(clip_k) == {name for name, kind in plan.items() if kind in ("int6", "int8")}
 
 
 def test_a_ddp_step_all_reduces_only_in_the_last_micro_batch_and_syncs_no_buffers():
