@@ -21,7 +21,7 @@ CONFIGS: dict[str, dict[str, str]] = {
     "no_qat": {"QAT": "0"},
     **{f"clip_k{k}": {"MATRIX_CLIP_K": k} for k in ("8", "10", "16")},  # the int6 grid of block matrices (default 12.85)
     "muon_wd_009": {"MUON_WEIGHT_DECAY": "0.09"},  # the records' 0.085-0.095, "so that weights compress well"
-    "fill_cap": {},  # 12 layers, MLP 4x at golf: what the k-grid fits in 16 MB; each scale's share in SHAPES
+    "shape_9x3": {},  # the default before issue 33 (9 layers, MLP 3x at golf); each scale's share in SHAPES
     "gptq": {"GPTQ": "1"},
     "embed_fp16": {"EMBED_QUANT": "fp16"},
     "no_muon_wd": {"MUON_WEIGHT_DECAY": "0"},
@@ -37,18 +37,19 @@ CONFIGS: dict[str, dict[str, str]] = {
 }
 VAL_SLICE_TOKENS = {"proxy": 131_072}  # validation targets the scale scores: the first N + 1 tokens of the val shards
 SHAPES = {  # a configuration whose model differs by scale; golf's is what --equal-time predicts
-    "fill_cap": {"golf": {"NUM_LAYERS": "12", "MLP_MULT": "4"},
-                 "proxy": {"NUM_LAYERS": "7", "MLP_MULT": "4"}},  # 5 -> 7 layers: ~ golf's 9 -> 12, 0.76 of 0.85 MB
+    "shape_9x3": {"golf": {"NUM_LAYERS": "9", "MLP_MULT": "3"}, "proxy": {"NUM_LAYERS": "5", "MLP_MULT": "3"},
+                  "tiny": {"NUM_LAYERS": "3", "MLP_MULT": "3"}},
 }
 SEQ_DOUBLED = {"train_seq_x2": ("TRAIN_SEQ_LEN", "EVAL_SEQ_LEN"), "eval_seq_x2": ("EVAL_SEQ_LEN",)}
 SCALES: dict[str, dict[str, str]] = {
-    "golf": {},  # the trainer's defaults: d = 512, 9 layers, seq 1024
-    # golf sequence geometry (seq 1024, 16 chunks of 64, top-4), narrow and shallow: 5 layers keep the default
-    # pattern's share of memory blocks (2 of 5; golf 4 of 9); two runs at once on 2 cores take 2.9-3.1 s/step each,
-    # so a pair of 300-step runs takes ~18 min with evaluation (~9 min per run); 8 sequences per step is the least
+    "golf": {},  # the trainer's defaults: d = 512, 12 layers, MLP 4x, seq 1024
+    # golf sequence geometry (seq 1024, 16 chunks of 64, top-4), narrow and shallow: 7 layers, MLP 4x, the default's
+    # shape scaled as its depth went 9 -> 12 (until 2026-12-06: 5 layers, MLP 3x, now config shape_9x3); two runs at
+    # once on 2 cores took 7.4 s/step each at 7 layers (2.9-3.1 at 5), ~40 min a pair of 300-step runs with
+    # evaluation; 8 sequences per step is the least
     # at seq 1024 (8 micro-batches of one sequence); sliding stride 256 (golf 64) keeps evaluation at a quarter of
     # the cost with >= 768 tokens of context per target
-    "proxy": {"NUM_LAYERS": "5", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "1024",
+    "proxy": {"NUM_LAYERS": "7", "MODEL_DIM": "128", "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "TRAIN_SEQ_LEN": "1024",
               "EVAL_SEQ_LEN": "1024", "EVAL_STRIDE": "256", "TRAIN_BATCH_TOKENS": "8192", "MEM_CHUNK": "64",
               "MEM_TOPK": "4", "ITERATIONS": "300", "WARMDOWN_ITERS": "180", "WARMUP_STEPS": "2",
               "TRAIN_LOG_EVERY": "25", "VAL_LOSS_EVERY": "75", "VAL_BATCH_SIZE": "65536"},
@@ -61,7 +62,6 @@ SCALES: dict[str, dict[str, str]] = {
 def config_env(name: str, scale: str) -> dict[str, str]:
     """A configuration's settings at a scale (the doubled sequence lengths depend on the scale's)."""
     seq = 2 * int(SCALES[scale].get("TRAIN_SEQ_LEN", Hyperparameters.train_seq_len))
-    shape = SHAPES.get(name, {})
-    return {**CONFIGS[name], **shape.get(scale, shape.get("golf", {})), **{key: str(seq) for key in SEQ_DOUBLED.get(name, ())}}
+    return {**CONFIGS[name], **SHAPES.get(name, {}).get(scale, {}), **{key: str(seq) for key in SEQ_DOUBLED.get(name, ())}}
 
 

@@ -7,9 +7,12 @@ Runbook
 
 What it measures
   * The model is built from Hyperparameters; every tensor the artifact stores as int6 or int8 (block matrices,
-    BigramHash, the embedding) is refilled with N(0, 1/cols), and the real export path runs (quant_plan, each row
-    on its clip_k * rms grid, pack); the counted code is added, so bytes_total is what export_artifact would check
-    against the 16,000,000-byte cap.
+    BigramHash, the embedding) is refilled with Gaussian rows, each at its own log-normal scale, and every other
+    parameter (the fp16 control tensors) with N(0, 1); the real export path runs (quant_plan, each row on its
+    clip_k * rms grid, pack); the counted code is added, so bytes_total is what export_artifact would check against
+    the 16,000,000-byte cap. Left at their init values (ones, zeros, one scale for every row), the control tensors
+    and steps compress to almost nothing, and a trained proxy artifact came out 0.4% over that "worst case"
+    (531,362 against 529,478 bytes).
   * Why Gaussian is the bound: each row's step is a fixed multiple of its rms, so a row's codes are its values in
     units of its rms, rounded. Among distributions of a given variance the Gaussian has the largest differential
     entropy, so its rounded codes have (to within the rounding) the largest entropy, which is what zstd's entropy
@@ -36,14 +39,17 @@ from tools import pack_code  # noqa: E402
 
 
 def gaussian_state(args: tg.Hyperparameters, seed: int = 0) -> tuple[dict, dict[str, str], dict[str, float]]:
-    """(state dict, plan, clip_k) of args' model with every int6/int8 tensor refilled with N(0, 1/cols)."""
+    """(state dict, plan, clip_k) of args' model with every int6/int8 row refilled with N(0, s^2 / cols), s log-normal
+    per row (so the fp16 steps vary as trained ones do), and every other parameter with N(0, 1)."""
     torch.manual_seed(seed)
     model = tg.ConvGPT(args)
     plan, clip_k = tg.quant_plan(model)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if plan[name] in QMAX:
-                p.normal_(0, p.shape[1] ** -0.5)
+                p.normal_(0, p.shape[1] ** -0.5).mul_(torch.randn(p.shape[0], 1).exp())
+            else:
+                p.normal_()
     return model.state_dict(), plan, clip_k
 
 

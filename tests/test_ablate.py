@@ -12,6 +12,7 @@ from conftest import ROOT, TINY_ENV
 
 sys.path.insert(0, str(ROOT / "bench"))
 import ablate  # noqa: E402
+from bench import configs as bench_configs  # noqa: E402
 
 
 def harness_args(smoke_data, tmp_path, configs: str, *extra: str) -> list[str]:
@@ -74,6 +75,9 @@ def test_doubled_sequence_configs_follow_the_scale():
     assert ablate.config_env("train_seq_x2", "tiny") == {"TRAIN_SEQ_LEN": "512", "EVAL_SEQ_LEN": "512"}
     assert ablate.config_env("eval_seq_x2", "golf") == {"EVAL_SEQ_LEN": "2048"}
     assert ablate.config_env("no_bigram", "golf") == {"BIGRAM_BUCKETS": "0"}
+    assert ablate.config_env("shape_9x3", "golf") == {"NUM_LAYERS": "9", "MLP_MULT": "3"}
+    assert ablate.config_env("shape_9x3", "proxy") == {"NUM_LAYERS": "5", "MLP_MULT": "3"}
+    assert set(bench_configs.SHAPES["shape_9x3"]) == set(ablate.SCALES)  # every scale has its share
 
 
 def proxy_args(tmp_path, data, *extra: str) -> list[str]:

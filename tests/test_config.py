@@ -14,7 +14,7 @@ from conftest import ROOT
 
 def test_defaults_and_overrides():
     args = tg.Hyperparameters.from_env({})
-    assert (args.num_layers, args.model_dim, args.vocab_size, args.train_seq_len) == (9, 512, 1024, 1024)
+    assert (args.num_layers, args.model_dim, args.mlp_mult, args.vocab_size, args.train_seq_len) == (12, 512, 4.0, 1024, 1024)
     assert args.eval_len == 1024 and args.head_dim == 64
     args = tg.Hyperparameters.from_env({"NUM_LAYERS": "11", "MEM_TOPK": "8", "QAT": "false", "MATRIX_LR": "0.02",
                                         "EVAL_SEQ_LEN": "2048", "RUN_ID": "x"})
@@ -114,8 +114,9 @@ def test_schedule_warning_names_warmdown_iters_when_the_run_is_shorter_than_its_
 
 
 def test_preset_sets_defaults_that_explicit_settings_override():
+    assert tg.Hyperparameters.from_env({"PRESET": "sp8192"}).num_layers == 10
     sp = tg.Hyperparameters.from_env({"PRESET": "sp8192", "NUM_LAYERS": "3"})
-    assert (sp.preset, sp.vocab_size, sp.embed_quant, sp.mlp_mult) == ("sp8192", 8192, "int6", 2.5)
+    assert (sp.preset, sp.vocab_size, sp.embed_quant, sp.mlp_mult) == ("sp8192", 8192, "int8", 4.0)
     assert sp.num_layers == 3 and sp.tokenizer_path.endswith("fineweb_8192_bpe.model") and sp.data_path.endswith("_sp8192")
     assert tg.Hyperparameters.from_env({}).vocab_size == 1024
     with pytest.raises(tg.FatalError, match="PRESET='sp4096' must be one of none, sp8192"):

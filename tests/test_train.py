@@ -165,7 +165,7 @@ def test_sp8192_preset_trains_end_to_end_and_counts_bytes_like_the_text(smoke_da
     env = trainer_env(smoke_data, tmp_path, PRESET="sp8192", DATA_PATH=str(tmp_path / "ds"), TOKENIZER_PATH=str(tokenizer))
     out = run_trainer(env, tmp_path)
     assert out.returncode == 0, out.stderr
-    assert {"hp vocab_size:8192", "hp embed_quant:int6", "hp num_layers:2", "hp preset:sp8192"} <= set(out.stdout.splitlines())
+    assert {"hp vocab_size:8192", "hp embed_quant:int8", "hp num_layers:2", "hp preset:sp8192"} <= set(out.stdout.splitlines())
     assert math.isfinite(float(log_values(out.stdout, "final_sliding_window_exact")["val_bpb"]))
     assert unpack((tmp_path / "model.ptz").read_bytes())["tok_emb.weight"]["kind"] == "int6"
     sp = spm.SentencePieceProcessor(model_file=str(tokenizer))
