@@ -46,7 +46,7 @@ def test_defaults_and_overrides():
     ({"TTT_MODE": "adam"}, "TTT_MODE='adam' must be one of sgd, lora"),
     ({"TTT_MODE": "lora", "TTT_DOC_CHUNK": "2000"}, "TTT_DOC_CHUNK=2000 in 1..1024"),
     ({"GPTQ_CALIB_BATCHES": "0"}, "GPTQ_CALIB_BATCHES=0"),
-    ({"MATRIX_CLIP_K": "0"}, "MATRIX_CLIP_K=0.0, BIGRAM_CLIP_K=12.85 and EMBED_CLIP_K=20.0 must be finite and > 0"),
+    ({"MATRIX_CLIP_K": "0"}, "MATRIX_CLIP_K=0.0, BIGRAM_CLIP_K=12.85 and EMBED_CLIP_K=6.0 must be finite and > 0"),
     ({"BIGRAM_CLIP_K": "-3"}, "BIGRAM_CLIP_K=-3.0"),
     ({"EMBED_CLIP_K": "inf"}, "EMBED_CLIP_K"),
 ])

@@ -262,11 +262,11 @@ def test_a_ddp_step_all_reduces_only_in_the_last_micro_batch_and_syncs_no_buffer
 def test_config_fits_the_cap_even_with_incompressible_weights(env, params, capsys):
     """Every quantized tensor Gaussian (bench/worst_case_size.py): the worst case for int6 + zstd; trained weights
     compress better. The defaults and every preset hold at least 33M parameters (issue 33) and fit with room to
-    spare: 3.45 bits per parameter at the defaults, 3.60 under sp8192 (its int8 embedding is an eighth of it)."""
+    spare: 3.48 bits per parameter at the defaults, 3.60 under sp8192 (its int8 embedding is an eighth of it)."""
     size = worst_case_bytes(tg.Hyperparameters.from_env(env))
     with capsys.disabled():
         print(f"\n{env or 'defaults'}: " + " ".join(f"{k}:{v}" for k, v in size.items()))
     assert params[0] <= size["params"] <= params[1]
-    assert size["bytes_total"] == size["bytes_model"] + tg.code_bytes() and size["headroom"] > 500_000
+    assert size["bytes_total"] == size["bytes_model"] + tg.code_bytes() and size["headroom"] > 400_000
     assert 8 * size["bytes_model"] / size["params"] < 3.65
     assert size["bytes_total_packed"] == size["bytes_model"] + size["bytes_code_packed"] < size["bytes_total"]
