@@ -123,7 +123,7 @@ class Hyperparameters:
     val_batch_size: int = 524_288  # tokens per evaluation forward, all 8 micro-batches together
     # model
     vocab_size: int = 1024
-    num_layers: int = 12  # 12 x MLP 4x: 35.5M parameters, 15.45 MB in the worst case on the rms grid (issue 33)
+    num_layers: int = 12  # 12 x MLP 4x: 35.5M parameters, 15.57 MB in the worst case on the rms grid (issue 33)
     model_dim: int = 512
     num_heads: int = 8
     num_kv_heads: int = 4
