@@ -43,7 +43,7 @@ def test_dense_memory_is_causal_attention_without_routing_and_costs_grow_with_to
     dense = flops.count_forward_flops(Hyperparameters(mem_topk=1_000_000), 2048)
     a = Hyperparameters()
     assert dense.seq_len == 2048 and dense.per_token["memory_route"] == 0
-    assert dense.per_token["memory_attn"] == 4 * 4 * a.num_heads * a.head_dim * (2048 + 1) / 2
+    assert dense.per_token["memory_attn"] == (a.num_layers // a.mem_every) * 4 * a.num_heads * a.head_dim * (2048 + 1) / 2
     totals = [flops.count_forward_flops(Hyperparameters(mem_topk=k)).total for k in (1, 2, 4, 8)]
     assert totals == sorted(totals) and len(set(totals)) == 4
     no_memory = flops.count_forward_flops(Hyperparameters(mem_every=0))
