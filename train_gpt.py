@@ -77,6 +77,10 @@ LEAKY_SLOPE = 0.5  # LeakyReLU(0.5)^2, record of 2026-03-23
 NS_COEFFS = (3.4445, -4.7750, 2.0315)  # quintic Newton-Schulz, Muon (Keller Jordan, modded-nanogpt)
 NS_EPS = 1e-7
 EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA_DECAY
+EVAL_MARGIN = 1.25  # LoRA TTT's guard: the rest's scoring time, predicted from the pace so far, times this (padded
+# short windows of the last, shortest documents run at a worse pace per token than the long ones measured first)
+EVAL_RESERVE = 0.02  # of MAX_EVAL_SECONDS kept free (12 s of 600) for the final all-reduces, the logs and jitter
+UNMEASURED_COST = 4.0  # a LoRA step's or a global SGD step's seconds per token, in plain scoring's, until measured
 SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
@@ -93,7 +97,7 @@ CHOICES = {
     "conv2d_layout": CONV2D_LAYOUTS,
     "embed_quant": ("int8", "int6", "fp16"),
     "compile": ("auto", "0", "1"),
-    "ttt_mode": ("sgd", "lora"),
+    "ttt_mode": ("lora", "sgd"),
 }
 
 
@@ -175,14 +179,17 @@ class Hyperparameters:
     # evaluation
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
     eval_stride: int = 64
-    ttt_epochs: int = 0  # legal score-first test-time training: SGD epochs per scored chunk; 0 = off
-    ttt_chunk_tokens: int = 32768  # validation targets scored between two TTT updates
-    ttt_lr: float = 0.002
+    max_eval_seconds: float = 600.0  # the final evaluation's wallclock (CHALLENGE.md); TTT adapts while the rest fits
+    ttt_epochs: int = 1  # legal score-first test-time training: optimizer steps (lora) or epochs (SGD); 0 = off
+    ttt_mode: str = "lora"  # lora: adapters per document, reset at BOS (+ global SGD phases); sgd: chunks of the stream
+    ttt_chunk_tokens: int = 32768  # sgd mode: validation targets scored between two TTT updates
+    ttt_lr: float = 0.002  # SGD: sgd mode, and lora mode's global phases
     ttt_momentum: float = 0.9
-    ttt_mode: str = "sgd"  # sgd: the whole model, chunks of the stream; lora: adapters per document, reset at BOS
     ttt_lora_rank: int = 8
     ttt_lora_lr: float = 0.01  # Adam, lora mode
     ttt_doc_chunk: int = 128  # lora mode: tokens of a document scored between two adapter updates
+    ttt_phases: int = 3  # lora mode: global SGD phases (phased TTT) while the first TTT_PHASE_DOCS are scored; 0 = none
+    ttt_phase_docs: int = 2000  # lora mode: documents, longest first, that the global SGD phases span
     # device
     compile: str = "auto"  # auto = on with CUDA
 
@@ -253,6 +260,9 @@ class Hyperparameters:
             (not self.gptq or self.max_wallclock_seconds == 0 or self.train_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in MAX_WALLCLOCK_SECONDS="
              f"{self.max_wallclock_seconds}"),
+            (self.max_eval_seconds >= 0 and self.ttt_phases >= 0 and self.ttt_phase_docs >= 0,
+             f"MAX_EVAL_SECONDS={self.max_eval_seconds}, TTT_PHASES={self.ttt_phases} and TTT_PHASE_DOCS="
+             f"{self.ttt_phase_docs} must be >= 0"),
             (self.ttt_lora_rank >= 1 and self.ttt_lora_lr > 0 and (self.ttt_mode != "lora" or 1 <= self.ttt_doc_chunk <= self.eval_len),
              f"TTT_LORA_RANK={self.ttt_lora_rank} must be >= 1, TTT_LORA_LR > 0, TTT_DOC_CHUNK={self.ttt_doc_chunk} "
              f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
@@ -959,72 +969,266 @@ def lora_forward(model: ConvGPT, adapters: list, val_tokens: Tensor, windows: li
     return sums, sums[:, 0] / sums[:, 1]
 
 
+class LoraPlan(NamedTuple):
+    docs: list[tuple[int, int]]  # input spans (documents)
+    windows: list[list[tuple[int, int, int]]]  # each document's chunks (document_windows)
+    first: list[int]  # index of each document's first chunk among all chunks, documents in order
+    steps: list[list[list[int]]]  # steps[s][rank]: the documents that rank scores in step s (maybe none)
+
+
+def lora_plan(val_tokens: Tensor, args: Hyperparameters, batch_seqs: int, world_size: int) -> LoraPlan:
+    """Documents longest first, batch_seqs at a time; in step s, rank r takes batch s * world_size + r."""
+    docs = documents(val_tokens)
+    windows = [document_windows(doc, args.ttt_doc_chunk, args.eval_len) for doc in docs]
+    order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
+    batches = [order[i:i + batch_seqs] for i in range(0, len(order), batch_seqs)]
+    steps = [[*batches[i:i + world_size], *[[]] * world_size][:world_size] for i in range(0, len(batches), world_size)]
+    return LoraPlan(docs, windows, list(itertools.accumulate(map(len, windows), initial=0)), steps)
+
+
+def batch_tokens(windows: list[list[tuple[int, int, int]]]) -> int:
+    """Input tokens one forward pass per chunk reads for documents' windows run as a batch (padded to the longest)."""
+    return sum(len(live) * max(end - start for start, end, _ in live)
+               for live in ([w[c] for w in windows if c < len(w)] for c in range(max(map(len, windows), default=0))))
+
+
+def phase_steps(args: Hyperparameters, n_steps: int, docs_per_step: int) -> set[int]:
+    """The steps after which phased TTT's global SGD runs: those that finish scoring the first p / TTT_PHASES of
+    the first TTT_PHASE_DOCS documents (longest first), p = 1..TTT_PHASES, except the last step (nothing is left
+    to score); none without phases."""
+    if not args.ttt_phases or not args.ttt_phase_docs:
+        return set()
+    return {min(n_steps, -(-args.ttt_phase_docs * p // args.ttt_phases // docs_per_step)) - 1
+            for p in range(1, args.ttt_phases + 1)} - {n_steps - 1}
+
+
+def phase_tokens(val_tokens: Tensor, docs: list[tuple[int, int]]) -> Tensor:
+    """Documents (input spans) in stream order, concatenated with the last one's final target: each starts with its
+    BOS, which is also the previous one's last target, so the targets are exactly the documents' scored targets."""
+    docs = sorted(docs)
+    return torch.cat([*(val_tokens[a:b] for a, b in docs), val_tokens[docs[-1][1]:docs[-1][1] + 1]])
+
+
+class LoraGuard:
+    """MAX_EVAL_SECONDS for LoRA TTT: before each step (one batch of documents per rank), adapt only if every rank
+    predicts that adapting this step (and its global SGD phase) and then scoring the rest without adapting still
+    fits: elapsed + step + EVAL_MARGIN x rest x scoring pace <= budget. Paces are seconds per input token on this
+    rank, measured on the steps so far: scoring's on their forward passes (at first the sliding-window pass's),
+    adapting's and SGD's in all (at first UNMEASURED_COST x scoring's). Once a step is scored without adapting, the
+    rest are too."""
+
+    def __init__(self, budget: EvalBudget, step_tokens: list[int]):
+        self.budget, self.rest = budget, list(itertools.accumulate(step_tokens[::-1], initial=0))[::-1]
+        self.step_tokens, self.spent = step_tokens, {"score": [0.0, 0], "adapt": [0.0, 0], "sgd": [0.0, 0]}
+        self.stopped_at: int | None = None
+
+    def pace(self, kind: str) -> float:
+        seconds, tokens = self.spent[kind]
+        return seconds / tokens if tokens else (1.0 if kind == "score" else UNMEASURED_COST) * self.budget.score_pace
+
+    def adapt(self, step: int, sgd_tokens: int) -> bool:
+        if self.stopped_at is None:
+            need = (self.pace("adapt") * self.step_tokens[step] + self.pace("sgd") * sgd_tokens
+                    + EVAL_MARGIN * self.pace("score") * self.rest[step + 1])
+            if not self.budget.fits(need):
+                self.stopped_at = step
+        return self.stopped_at is None
+
+    def timed(self, kind: str, tokens: int, seconds: float) -> None:
+        self.spent[kind][0] += seconds
+        self.spent[kind][1] += tokens
+
+
+def score_lora_batch(model: ConvGPT, val_tokens: Tensor, luts, windows: list[list], rows: list[int], sums: Tensor,
+                     args: Hyperparameters, adapt: bool, forward_seconds: list[float]) -> None:
+    """Score documents' chunks left to right as one batch into sums[rows[i] + c]; when adapting, after each chunk
+    is scored, its adapters take TTT_EPOCHS Adam steps on it, the first from the forward that scored it. Adds the
+    scoring forwards' seconds to forward_seconds[0]."""
+    adapters = attach_lora(model, len(windows), args.ttt_lora_rank, args.seed)
+    opt = torch.optim.Adam([t for _, a, b in adapters for t in (a, b)], lr=args.ttt_lora_lr)
+    for c in range(max(map(len, windows))):
+        live = [i for i, w in enumerate(windows) if c < len(w)]
+        going_on = torch.tensor([c + 1 < len(windows[i]) for i in live], device=sums.device)
+        with torch.set_grad_enabled(adapt and bool(going_on.any())):
+            for epoch in range(args.ttt_epochs if torch.is_grad_enabled() else 1):
+                t0 = time.perf_counter()
+                chunk_sums, nll = lora_forward(model, adapters, val_tokens, [windows[i][c] for i in live], luts)
+                if epoch == 0:
+                    sums[[rows[i] + c for i in live]] = chunk_sums.detach()
+                    sync(sums.device)
+                    forward_seconds[0] += time.perf_counter() - t0
+                if torch.is_grad_enabled():
+                    opt.zero_grad()
+                    (nll * going_on).sum().backward()
+                    opt.step()
+
+
 def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], args: Hyperparameters,
-                  batch_seqs: int, rank: int = 0, world_size: int = 1) -> tuple[float, float, Tensor]:
+                  batch_seqs: int, rank: int = 0, world_size: int = 1, budget: EvalBudget | None = None,
+                  log: Callable[[str], None] | None = None) -> tuple[float, float, Tensor]:
     """Legal per-document LoRA TTT: each document is scored in TTT_DOC_CHUNK-token chunks, left to right, with at
     most EVAL_SEQ_LEN tokens of its own context; after a chunk is scored, rank-TTT_LORA_RANK adapters on the block
     matrices take TTT_EPOCHS Adam steps on that chunk's targets. Every document starts from fresh adapters, so no
-    token is trained on before it is scored and no document sees another. Documents run batch_seqs at a time,
-    longest first, each with its own adapters; the model's weights do not change. Returns (val_loss, val_bpb, the
-    all-reduced [nll, targets, bytes] of every chunk, documents in order)."""
-    chunks = [document_windows(doc, args.ttt_doc_chunk, args.eval_len) for doc in documents(val_tokens)]
-    first = list(itertools.accumulate((len(c) for c in chunks), initial=0))
-    order = sorted(range(len(chunks)), key=lambda i: -len(chunks[i]))
+    token is trained on before it is scored and no document sees another. Documents run as lora_plan orders them.
+    Phased TTT (TTT_PHASES > 0): after the steps
+    phase_steps names, the whole model takes TTT_EPOCHS epochs of SGD on every document scored so far (all ranks').
+    With a budget, adapting stops where LoraGuard says, and the rest is scored as it stands. Returns (val_loss,
+    val_bpb, the all-reduced [nll, targets, bytes] of every chunk, documents in order)."""
+    docs, windows, first, steps = lora_plan(val_tokens, args, batch_seqs, world_size)
+    phases = phase_steps(args, len(steps), batch_seqs * world_size)
+    guard = LoraGuard(budget, [batch_tokens([windows[i] for i in step[rank]]) for step in steps]) if budget else None
     sums = torch.zeros(first[-1], 3, dtype=torch.float64, device=next(model.parameters()).device)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
+    for p in params:
         p.requires_grad_(False)
     try:
-        for batch in shard([order[i:i + batch_seqs] for i in range(0, len(order), batch_seqs)], rank, world_size):
-            adapters = attach_lora(model, len(batch), args.ttt_lora_rank, args.seed)
-            opt = torch.optim.Adam([t for _, a, b in adapters for t in (a, b)], lr=args.ttt_lora_lr)
-            for c in range(len(chunks[batch[0]])):
-                with torch.no_grad():
-                    live = [i for i in batch if c < len(chunks[i])]
-                    sums[[first[i] + c for i in live]] = lora_forward(model, adapters, val_tokens, [chunks[i][c] for i in live], luts)[0]
-                going_on = [chunks[i][c] for i in live if c + 1 < len(chunks[i])]
-                for _ in range(args.ttt_epochs if going_on else 0):
-                    opt.zero_grad()
-                    lora_forward(model, adapters, val_tokens, going_on, luts)[1].sum().backward()
-                    opt.step()
+        for s, step in enumerate(steps):
+            mine = step[rank]
+            sgd = phase_tokens(val_tokens, [docs[i] for b in itertools.chain(*steps[:s + 1]) for i in b]) if s in phases else None
+            adapt = args.ttt_epochs > 0 and (guard is None or guard.adapt(s, args.ttt_epochs * (0 if sgd is None else sgd.numel()) // world_size))
+            t0, forward_seconds = time.perf_counter(), [0.0]
+            if mine:
+                score_lora_batch(model, val_tokens, luts, [windows[i] for i in mine], [first[i] for i in mine], sums,
+                                 args, adapt, forward_seconds)
+            if guard and adapt:
+                sync(sums.device)
+                guard.timed("adapt", guard.step_tokens[s], time.perf_counter() - t0)
+                guard.timed("score", guard.step_tokens[s], forward_seconds[0])
+            if adapt and sgd is not None:
+                t0 = time.perf_counter()
+                global_sgd(model, opt, params, sgd, args, batch_seqs, rank, world_size)
+                if guard:
+                    guard.timed("sgd", args.ttt_epochs * sgd.numel() // world_size, time.perf_counter() - t0)
     finally:
         for m in block_matrices(model).values():
             m.lora = None
-        for p in frozen:
+        for p in params:
             p.requires_grad_(True)
+    if guard and log:
+        stop = guard.stopped_at
+        log(f"ttt_adapted steps:{len(steps) if stop is None else stop}/{len(steps)} "
+            + ("(all)" if stop is None else f"stopped: adapting step {stop} and scoring the rest was predicted past "
+               f"MAX_EVAL_SECONDS={budget.seconds:g} at {budget.elapsed():.1f}s"))
     sums = all_reduce(sums)
     return (*loss_and_bpb(sums.sum(0)), sums)
 
 
-def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None,
-             ttt: bool = False) -> tuple[float, float, float]:
-    """eval_val (or eval_ttt) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
+def global_sgd(model: ConvGPT, opt: torch.optim.Optimizer, params: list[Tensor], tokens: Tensor, args: Hyperparameters,
+               batch_seqs: int, rank: int, world_size: int) -> None:
+    """Phased TTT's global step: TTT_EPOCHS epochs of SGD of the whole model on tokens (phase_tokens)."""
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)
+    try:
+        ttt_train(model, opt, params, tokens, (0, tokens.numel() - 1), args.eval_len, batch_seqs, rank, world_size, args.ttt_epochs)
+    finally:
+        for p in params:
+            p.requires_grad_(False)
+            p.grad = None
+
+
+class EvalBudget:
+    """MAX_EVAL_SECONDS over the whole final evaluation, from the artifact's weights to the last score, and the pace
+    of plain scoring on this rank (seconds per input token: at first scoring_pace's, then the sliding pass's)."""
+
+    def __init__(self, seconds: float, device: torch.device, score_pace: float):
+        self.seconds, self.device, self.score_pace, self.t0 = seconds, device, score_pace, time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def fits(self, seconds: float) -> bool:
+        """Whether every rank predicts it ends inside the budget, less EVAL_RESERVE, after seconds more (one
+        all-reduce: all ranks get the same answer)."""
+        late = torch.tensor(float(self.elapsed() + seconds > (1 - EVAL_RESERVE) * self.seconds), device=self.device)
+        return not all_reduce(late, dist.ReduceOp.MAX).item()
+
+
+def eval_batch_seqs(args: Hyperparameters) -> int:
+    return max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
+
+
+def scoring_pace(model: ConvGPT, device: torch.device) -> float:
+    """Seconds per input token of plain scoring on this rank: one batch of EVAL_SEQ_LEN windows of random tokens (no
+    validation data), timed the second time (the first may compile)."""
+    args, batch_seqs = model.args, eval_batch_seqs(model.args)
+    tokens = torch.randint(args.vocab_size, (batch_seqs * args.eval_len + 1,), generator=torch.Generator().manual_seed(args.seed))
+    windows = eval_windows(tokens.numel() - 1, args.eval_len, args.eval_len)
+    luts = (torch.ones(args.vocab_size, dtype=torch.int64), *torch.zeros(2, args.vocab_size, dtype=torch.bool))
+    for _ in range(2):
+        sync(device)
+        t0 = time.perf_counter()
+        score_windows(model, tokens, luts, windows, batch_seqs)
+        sync(device)
+    return (time.perf_counter() - t0) / (batch_seqs * args.eval_len)
+
+
+def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist) -> dict[str, int]:
+    """Input tokens this rank reads in each pass of the final evaluation when nothing adapts."""
+    n, seq_len = val_tokens.numel() - 1, args.eval_len
+    tokens = {name: sum(end - start for start, end, _ in shard(eval_windows(n, seq_len, stride), d.rank, d.world_size))
+              for name, stride in (("roundtrip", seq_len), ("sliding", args.eval_stride))}
+    if args.ttt_epochs and args.ttt_mode == "lora":
+        plan = lora_plan(val_tokens, args, eval_batch_seqs(args), d.world_size)
+        tokens["ttt"] = sum(batch_tokens([plan.windows[i] for i in step[d.rank]]) for step in plan.steps)
+    elif args.ttt_epochs:
+        tokens["ttt"] = tokens["sliding"]
+    return tokens
+
+
+def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable[[str], None]) -> float:
+    """Refuse, before anything runs, a MAX_EVAL_SECONDS that cannot fit even plain scoring of every pass. Returns
+    scoring_pace's seconds per input token."""
+    args = model.args
+    pace = scoring_pace(model, d.device)
+    plain = pace * sum(plain_tokens(args, val_tokens, d).values())
+    log(f"eval_budget max_eval_seconds:{args.max_eval_seconds:g} plain_scoring_predicted:{plain:.1f}s "
+        f"pace:{1e9 * pace:.0f}ns_per_token")
+    if args.max_eval_seconds > 0 and not EvalBudget(args.max_eval_seconds, d.device, pace).fits(plain):
+        raise FatalError(f"MAX_EVAL_SECONDS={args.max_eval_seconds:g} cannot fit even plain scoring: the final "
+                         f"evaluation's passes need {plain:.1f} s at the measured pace, and {EVAL_RESERVE:.0%} of it is "
+                         f"reserved (raise it or EVAL_STRIDE, or set TTT_EPOCHS=0)")
+    return pace
+
+
+def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None, ttt: bool = False,
+             budget: EvalBudget | None = None, log: Callable[[str], None] | None = None) -> tuple[float, float, float]:
+    """eval_val (or TTT) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
     args = model.args
     t0 = time.perf_counter()
-    batch_seqs = max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
-    if ttt:
-        ttt_eval = eval_lora_ttt if args.ttt_mode == "lora" else eval_ttt
-        loss, bpb, _ = ttt_eval(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
+    batch_seqs = eval_batch_seqs(args)
+    if ttt and args.ttt_mode == "lora":
+        loss, bpb, _ = eval_lora_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size, budget, log)
+    elif ttt:
+        loss, bpb, _ = eval_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
     else:
         loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
     return loss, bpb, 1000 * (time.perf_counter() - t0)
 
 
-def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None]) -> None:
+def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None], pace: float) -> None:
+    """The round trip, the sliding window and (TTT_EPOCHS > 0) TTT, inside MAX_EVAL_SECONDS (EvalBudget)."""
+    args = model.args
+    budget = EvalBudget(args.max_eval_seconds, d.device, pace) if args.max_eval_seconds > 0 else None
+    t0 = time.perf_counter()
     loss, bpb, ms = evaluate(model, val_tokens, luts, d)
     log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     stride = model.args.eval_stride
     loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride)
+    if budget:
+        budget.score_pace = ms / 1000 / plain_tokens(args, val_tokens, d)["sliding"]
     log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
-    if model.args.ttt_epochs:
-        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True)
-        a = model.args
-        tag = (f"mode:lora doc_chunk:{a.ttt_doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs}" if a.ttt_mode == "lora"
-               else f"stride:{stride} chunk:{a.ttt_chunk_tokens} epochs:{a.ttt_epochs}")
+    if args.ttt_epochs:
+        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True, budget=budget, log=log)
+        a = args
+        tag = (f"mode:lora doc_chunk:{a.ttt_doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs} phases:{a.ttt_phases}"
+               if a.ttt_mode == "lora" else f"stride:{stride} chunk:{a.ttt_chunk_tokens} epochs:{a.ttt_epochs}")
         log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
+    log(f"final_eval_time:{1000 * (time.perf_counter() - t0):.0f}ms max_eval_seconds:{args.max_eval_seconds:g}")
 
 
 # ----------------------------------------------------------------------------- export
@@ -1340,6 +1544,7 @@ def run(env: Mapping[str, str]) -> None:
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{val_tokens.numel()}")
     model, step_model = build_model(args, d, log)
+    pace = check_eval_budget(model, val_tokens, d, log)
     if not args.eval_only:
         orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_enabled(args, d.device) else zeropower_via_newtonschulz5
         optimizers = build_optimizers(model, args, orthogonalize)
@@ -1354,7 +1559,7 @@ def run(env: Mapping[str, str]) -> None:
     if args.eval_only:
         total = bytes_model + code_bytes()
         log(f"artifact bytes_model:{bytes_model} bytes_code:{code_bytes()} bytes_total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
-    final_evaluation(model, val_tokens, luts, d, log)
+    final_evaluation(model, val_tokens, luts, d, log, pace)
 
 
 def main() -> None:

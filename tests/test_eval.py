@@ -175,16 +175,18 @@ def test_documents_score_every_target_once_and_their_windows_stay_inside():
 LORA_DOCS = (0, 200, 450)  # BOS positions of a 700-token stream: documents of 200, 250 and 249 targets
 
 
-def lora_chunks(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1), batch: int = 2):
-    """eval_lora_ttt on a fresh random model: seq 128, chunks of 64 targets, rank 4."""
+def lora_chunks(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1), batch: int = 2, phases: int = 0,
+                budget: tg.EvalBudget | None = None):
+    """eval_lora_ttt on a fresh random model: seq 128, chunks of 64 targets, rank 4; phases: global SGD after each of
+    the first `phases` steps (one per document batch)."""
     from test_model import random_model
 
     model = random_model({})
     args = dataclasses.replace(model.args, ttt_mode="lora", ttt_doc_chunk=64, ttt_lora_rank=4, ttt_lora_lr=0.05,
-                               ttt_epochs=epochs)
+                               ttt_epochs=epochs, ttt_phases=phases, ttt_phase_docs=phases * batch, ttt_lr=0.05)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    out = tg.eval_lora_ttt(model, tokens, random_luts(1024), args, batch, *world)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    out = tg.eval_lora_ttt(model, tokens, random_luts(1024), args, batch, *world, budget=budget)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) == (phases == 0 or epochs == 0)
     assert all(m.lora is None for m in tg.block_matrices(model).values()) and all(p.requires_grad for p in model.parameters())
     return out
 
@@ -209,3 +211,60 @@ def test_lora_ttt_scores_each_chunk_before_training_on_it_and_documents_never_me
     assert loss < no_ttt[0] and (loss, bpb) == tg.loss_and_bpb(chunks.sum(0))
     halves = [lora_chunks(tokens, epochs=2, world=(r, 2))[2] for r in (0, 1)]  # batches [doc 0, doc 1], [doc 2]
     assert torch.equal(halves[0][8:], torch.zeros(4, 3, dtype=torch.float64)) and torch.equal(halves[0] + halves[1], chunks)
+
+
+def test_phased_ttt_trains_the_model_only_on_documents_already_scored():
+    """One document per step, global SGD after steps 0 and 1 (phases 2): doc 0 is scored by the artifact's weights,
+    doc 1 after SGD on doc 0, doc 2 after SGD on docs 0 and 1. Perturbing doc 2 changes none of docs 0 and 1's
+    scores; perturbing doc 1 from its third chunk on changes its own later chunks and doc 2, never doc 0 or doc 1's
+    first two chunks. The phases must matter: doc 1 scores differently with them than without."""
+    tokens = torch.randint(2, 50, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    tokens[list(LORA_DOCS)] = tg.BOS_ID
+    loss, bpb, chunks = lora_chunks(tokens, epochs=1, batch=1, phases=2)
+    assert int(chunks[:, 1].sum()) == 699 and (loss, bpb) == tg.loss_and_bpb(chunks.sum(0))
+    later = tokens.clone()
+    later[451:] = torch.randint(2, 1024, (249,), dtype=torch.int32)
+    assert torch.equal(lora_chunks(later, epochs=1, batch=1, phases=2)[2][:8], chunks[:8])
+    changed = tokens.clone()
+    changed[329:450] = torch.randint(2, 1024, (121,), dtype=torch.int32)
+    perturbed = lora_chunks(changed, epochs=1, batch=1, phases=2)[2]
+    assert torch.equal(perturbed[:6], chunks[:6]) and not torch.equal(perturbed[8:], chunks[8:])
+    unphased = lora_chunks(tokens, epochs=1, batch=1)[2]
+    assert torch.equal(unphased[:4], chunks[:4]) and not torch.equal(unphased[4:8], chunks[4:8])
+
+
+class SteppedBudget(tg.EvalBudget):
+    """An EvalBudget that says yes to its first fits_before_stop questions and no after: adapting stops at a known step."""
+
+    def __init__(self, fits_before_stop: int):
+        super().__init__(100.0, torch.device("cpu"), 1e-9)
+        self.calls, self.fits_before_stop = 0, fits_before_stop
+
+    def fits(self, seconds: float) -> bool:
+        self.calls += 1
+        return self.calls <= self.fits_before_stop
+
+
+@pytest.mark.parametrize("stop", [0, 1, 2])
+def test_lora_ttt_stops_adapting_where_the_budget_says_and_still_scores_every_target_once(stop):
+    """Adapting stops before the step the budget refuses (one document per step): the documents before it score as
+    with an unlimited budget, those from it on as with no TTT at all, and the targets and bytes are the plain
+    evaluation's, whatever the stop."""
+    from test_model import random_model
+
+    tokens = torch.randint(2, 50, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    tokens[list(LORA_DOCS)] = tg.BOS_ID
+    budget = SteppedBudget(stop)
+    chunks = lora_chunks(tokens, epochs=2, batch=1, budget=budget)[2]
+    full, none = lora_chunks(tokens, epochs=2, batch=1)[2], lora_chunks(tokens, epochs=0, batch=1)[2]
+    assert budget.calls == stop + 1 and torch.equal(chunks[:4 * stop], full[:4 * stop])
+    assert torch.equal(chunks[4 * stop:], none[4 * stop:]) and not torch.equal(chunks, full)
+    plain = tg.score_windows(random_model({}), tokens, random_luts(1024), tg.eval_windows(699, 128, 32), 2)
+    assert torch.equal(chunks[:, 1:].sum(0), plain[1:])
+
+
+def test_an_unlimited_budget_changes_nothing():
+    tokens = torch.randint(2, 50, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    tokens[list(LORA_DOCS)] = tg.BOS_ID
+    budget = tg.EvalBudget(1e6, torch.device("cpu"), 1e-9)
+    assert torch.equal(lora_chunks(tokens, epochs=1, phases=1, budget=budget)[2], lora_chunks(tokens, epochs=1, phases=1)[2])
