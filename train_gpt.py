@@ -80,6 +80,7 @@ EMA_WARMUP = 10  # EMA decay ramps as (1 + step) / (EMA_WARMUP + step) up to EMA
 EVAL_MARGIN = 1.25  # LoRA TTT's guard: the rest's scoring time, predicted from the pace so far, times this (padded
 # short windows of the last, shortest documents run at a worse pace per token than the long ones measured first)
 EVAL_RESERVE = 0.02  # of MAX_EVAL_SECONDS kept free (12 s of 600) for the final all-reduces, the logs and jitter
+PACE_REPEATS = 4  # scoring_pace's runs of one batch
 UNMEASURED_COST = 4.0  # a LoRA step's or a global SGD step's seconds per token, in plain scoring's, until measured
 SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
@@ -1014,17 +1015,18 @@ class LoraGuard:
     predicts that adapting this step (and its global SGD phase) and then scoring the rest without adapting still
     fits: elapsed + step + EVAL_MARGIN x rest x scoring pace <= budget. Paces are seconds per input token on this
     rank, measured on the steps so far: scoring's on their forward passes (at first the sliding-window pass's),
-    adapting's and SGD's in all (at first UNMEASURED_COST x scoring's). Once a step is scored without adapting, the
-    rest are too."""
+    adapting's and SGD's in all (at first UNMEASURED_COST x epochs x scoring's). Once a step is scored without
+    adapting, the rest are too."""
 
-    def __init__(self, budget: EvalBudget, step_tokens: list[int]):
+    def __init__(self, budget: EvalBudget, step_tokens: list[int], epochs: int):
         self.budget, self.rest = budget, list(itertools.accumulate(step_tokens[::-1], initial=0))[::-1]
+        self.guess = {"score": 1.0, "adapt": UNMEASURED_COST * epochs, "sgd": UNMEASURED_COST}
         self.step_tokens, self.spent = step_tokens, {"score": [0.0, 0], "adapt": [0.0, 0], "sgd": [0.0, 0]}
-        self.stopped_at: int | None = None
+        self.stopped_at, self.why = None, ""
 
     def pace(self, kind: str) -> float:
         seconds, tokens = self.spent[kind]
-        return seconds / tokens if tokens else (1.0 if kind == "score" else UNMEASURED_COST) * self.budget.score_pace
+        return seconds / tokens if tokens else self.guess[kind] * self.budget.score_pace
 
     def adapt(self, step: int, sgd_tokens: int) -> bool:
         if self.stopped_at is None:
@@ -1032,6 +1034,7 @@ class LoraGuard:
                     + EVAL_MARGIN * self.pace("score") * self.rest[step + 1])
             if not self.budget.fits(need):
                 self.stopped_at = step
+                self.why = f" stop_elapsed:{self.budget.elapsed():.1f}s stop_need:{need:.1f}s budget:{self.budget.seconds:g}s"
         return self.stopped_at is None
 
     def timed(self, kind: str, tokens: int, seconds: float) -> None:
@@ -1042,25 +1045,29 @@ class LoraGuard:
 def score_lora_batch(model: ConvGPT, val_tokens: Tensor, luts, windows: list[list], rows: list[int], sums: Tensor,
                      args: Hyperparameters, adapt: bool, forward_seconds: list[float]) -> None:
     """Score documents' chunks left to right as one batch into sums[rows[i] + c]; when adapting, after each chunk
-    is scored, its adapters take TTT_EPOCHS Adam steps on it, the first from the forward that scored it. Adds the
-    scoring forwards' seconds to forward_seconds[0]."""
-    adapters = attach_lora(model, len(windows), args.ttt_lora_rank, args.seed)
-    opt = torch.optim.Adam([t for _, a, b in adapters for t in (a, b)], lr=args.ttt_lora_lr)
-    for c in range(max(map(len, windows))):
-        live = [i for i, w in enumerate(windows) if c < len(w)]
-        going_on = torch.tensor([c + 1 < len(windows[i]) for i in live], device=sums.device)
-        with torch.set_grad_enabled(adapt and bool(going_on.any())):
-            for epoch in range(args.ttt_epochs if torch.is_grad_enabled() else 1):
-                t0 = time.perf_counter()
-                chunk_sums, nll = lora_forward(model, adapters, val_tokens, [windows[i][c] for i in live], luts)
-                if epoch == 0:
-                    sums[[rows[i] + c for i in live]] = chunk_sums.detach()
-                    sync(sums.device)
-                    forward_seconds[0] += time.perf_counter() - t0
-                if torch.is_grad_enabled():
-                    opt.zero_grad()
-                    (nll * going_on).sum().backward()
-                    opt.step()
+    is scored, its adapters take TTT_EPOCHS Adam steps on it, the first from the forward that scored it; else the
+    plain model scores them. Adds the scoring forwards' seconds to forward_seconds[0]."""
+    adapters = attach_lora(model, len(windows), args.ttt_lora_rank, args.seed) if adapt else []
+    opt = torch.optim.Adam([t for _, a, b in adapters for t in (a, b)], lr=args.ttt_lora_lr) if adapt else None
+    try:
+        for c in range(max(map(len, windows))):
+            live = [i for i, w in enumerate(windows) if c < len(w)]
+            going_on = torch.tensor([c + 1 < len(windows[i]) for i in live], device=sums.device)
+            with torch.set_grad_enabled(adapt and bool(going_on.any())):
+                for epoch in range(args.ttt_epochs if torch.is_grad_enabled() else 1):
+                    t0 = time.perf_counter()
+                    chunk_sums, nll = lora_forward(model, adapters, val_tokens, [windows[i][c] for i in live], luts)
+                    if epoch == 0:
+                        sums[[rows[i] + c for i in live]] = chunk_sums.detach()
+                        sync(sums.device)
+                        forward_seconds[0] += time.perf_counter() - t0
+                    if torch.is_grad_enabled():
+                        opt.zero_grad()
+                        (nll * going_on).sum().backward()
+                        opt.step()
+    finally:
+        for m in block_matrices(model).values():
+            m.lora = None
 
 
 def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], args: Hyperparameters,
@@ -1076,12 +1083,13 @@ def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor
     val_bpb, the all-reduced [nll, targets, bytes] of every chunk, documents in order)."""
     docs, windows, first, steps = lora_plan(val_tokens, args, batch_seqs, world_size)
     phases = phase_steps(args, len(steps), batch_seqs * world_size)
-    guard = LoraGuard(budget, [batch_tokens([windows[i] for i in step[rank]]) for step in steps]) if budget else None
+    guard = LoraGuard(budget, [batch_tokens([windows[i] for i in step[rank]]) for step in steps], args.ttt_epochs) if budget else None
     sums = torch.zeros(first[-1], 3, dtype=torch.float64, device=next(model.parameters()).device)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
     for p in params:
         p.requires_grad_(False)
+    phases_run = 0
     try:
         for s, step in enumerate(steps):
             mine = step[rank]
@@ -1098,18 +1106,16 @@ def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor
             if adapt and sgd is not None:
                 t0 = time.perf_counter()
                 global_sgd(model, opt, params, sgd, args, batch_seqs, rank, world_size)
+                phases_run += 1
                 if guard:
                     guard.timed("sgd", args.ttt_epochs * sgd.numel() // world_size, time.perf_counter() - t0)
     finally:
-        for m in block_matrices(model).values():
-            m.lora = None
         for p in params:
             p.requires_grad_(True)
-    if guard and log:
-        stop = guard.stopped_at
-        log(f"ttt_adapted steps:{len(steps) if stop is None else stop}/{len(steps)} "
-            + ("(all)" if stop is None else f"stopped: adapting step {stop} and scoring the rest was predicted past "
-               f"MAX_EVAL_SECONDS={budget.seconds:g} at {budget.elapsed():.1f}s"))
+    if log:
+        stop = guard.stopped_at if guard else None
+        log(f"ttt_adapted steps:{len(steps) if stop is None else stop}/{len(steps)} phases:{phases_run}"
+            + (guard.why if guard else ""))
     sums = all_reduce(sums)
     return (*loss_and_bpb(sums.sum(0)), sums)
 
@@ -1151,17 +1157,20 @@ def eval_batch_seqs(args: Hyperparameters) -> int:
 
 def scoring_pace(model: ConvGPT, device: torch.device) -> float:
     """Seconds per input token of plain scoring on this rank: one batch of EVAL_SEQ_LEN windows of random tokens (no
-    validation data), timed the second time (the first may compile)."""
+    validation data), the fastest of PACE_REPEATS runs but the first (which may compile): a refusal must not come
+    from a slow moment."""
     args, batch_seqs = model.args, eval_batch_seqs(model.args)
     tokens = torch.randint(args.vocab_size, (batch_seqs * args.eval_len + 1,), generator=torch.Generator().manual_seed(args.seed))
     windows = eval_windows(tokens.numel() - 1, args.eval_len, args.eval_len)
     luts = (torch.ones(args.vocab_size, dtype=torch.int64), *torch.zeros(2, args.vocab_size, dtype=torch.bool))
-    for _ in range(2):
+    seconds = []
+    for _ in range(PACE_REPEATS):
         sync(device)
         t0 = time.perf_counter()
         score_windows(model, tokens, luts, windows, batch_seqs)
         sync(device)
-    return (time.perf_counter() - t0) / (batch_seqs * args.eval_len)
+        seconds.append(time.perf_counter() - t0)
+    return min(seconds[1:]) / (batch_seqs * args.eval_len)
 
 
 def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist) -> dict[str, int]:

@@ -11,6 +11,7 @@ Runbook
   MEM_TOPK=8 python bench/cost_model.py --json                   # one JSON object (settings from the environment)
   BODY_DTYPE=fp32 python bench/cost_model.py                     # the prediction with an fp32 residual stream
   python bench/cost_model.py --rms-norm-fp32                     # under torch >= 2.12's autocast (rms_norm fp32)
+  python bench/cost_model.py --eval                              # the final evaluation's seconds (TTT included)
 
 This is a model, not a measurement: a GPU step time replaces it (bench/gpu_preflight.py). What it does:
   1. Work per token, per component, from one meta-device forward (nothing is computed):
@@ -66,6 +67,7 @@ Assumptions that could be wrong, each a named constant below:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -93,6 +95,14 @@ MATMUL_EFFICIENCY = 0.6  # assumed share of bf16 peak for [65536 x 512] @ [512 x
 BASELINE_MS = {1024: 43.54, 2048: 51.9}  # naive baseline, 8xH100, measured (CHALLENGE.md, issue 12)
 GPUS, TOKENS_PER_STEP, TIME_BUDGET_S = 8, 524_288, 600.0
 TRAIN_X = {"matmul": 3.0, "flash": 3.5, "memory": 3.5, "bytes": 3.0}  # training work / forward work
+FORWARD_X = {"matmul": 1.0, "flash": 1.0, "memory": 1.0, "bytes": 1.0}
+LORA_X = {**TRAIN_X, "matmul": 2.0}  # a LoRA TTT step / its forward: the base matrices take no weight gradient
+VAL_TOKENS, VAL_DOCS = 62_021_846, 50_000  # the challenge's validation set (CHALLENGE.md)
+EVAL_CALIBRATION = ({"NUM_LAYERS": "11", "MLP_MULT": "3"}, 1024, 64, 72.611)  # (settings over BASELINE_ENV, seq,
+# stride, seconds): records/track_10min_16mb/2026-03-19_MLP3x_QAT_Int6_SlidingWindow/train.log, final_sliding_window
+# eval_time:72611ms on 8xH100 (11 x 512 GQA 8/4 transformer, MLP 3x relu^2)
+EAGER_X = 2.0  # assumed: LoRA TTT and its global SGD run eagerly (per-sequence adapters through hooks, any shape),
+# at this many times the time of the same work compiled (the scoring passes compile; nothing has measured it)
 FORWARD_ONLY_PARTS = {"routing"}  # bytes of work done without gradient: no backward, counted once
 ATTENTION_ENV = CONFIGS["dense"]  # every mixer dense causal attention: the ablation's and the preflight's dense
 BASELINE_ENV = {**ATTENTION_ENV, "MEM_ROPE": "all", "MLP_MULT": "2", "MLP_ACT": "relu2", "BIGRAM_BUCKETS": "0",
@@ -280,6 +290,16 @@ class Rates:
     bytes_s: float
 
 
+def token_seconds(work: Work, rates: Rates, x: dict[str, float]) -> float:
+    """Seconds per token on one GPU of a pass whose work is x times the forward's (FORWARD_X, LORA_X, TRAIN_X):
+    routing and its bytes once, the memory's partial traffic x["bytes"] / TRAIN_X["bytes"] of the training step's."""
+    matmul_rate = H100_BF16_FLOPS * MATMUL_EFFICIENCY
+    moved = sum((1.0 if part in FORWARD_ONLY_PARTS else x["bytes"]) * n for part, n in work.bytes_by_part.items())
+    return ((x["matmul"] * work.matmul_flops + work.route_flops) / matmul_rate
+            + (x["flash"] * work.flash_flops + x["memory"] * work.memory_flops) / rates.flash_flops_s
+            + (moved + x["bytes"] / TRAIN_X["bytes"] * work.partial_bytes) / rates.bytes_s)
+
+
 def step_ms(work: Work, args: Hyperparameters, rates: Rates) -> dict[str, float]:
     """Milliseconds per step on one GPU, by part."""
     tokens = TOKENS_PER_STEP / GPUS
@@ -357,6 +377,63 @@ def predict(env: dict[str, str], seq_len: int, rates: Rates, work_over_ideal: fl
             "fwd_flops_per_token": work.matmul_flops + work.flash_flops + work.memory_flops + work.route_flops}
 
 
+def sample_val_lengths(path: Path) -> list[int]:
+    """Document lengths of a val shard (the shared FineWeb sample's by default)."""
+    tokens = torch.from_numpy(train_gpt.load_data_shard(path, Hyperparameters.vocab_size).astype("int64"))
+    return [b - a for a, b in train_gpt.documents(tokens)]
+
+
+def golf_val_stream(lengths: list[int]) -> torch.Tensor:
+    """A stand-in for the validation set's BOS layout: VAL_DOCS documents whose lengths cycle through lengths,
+    scaled to VAL_TOKENS in all (the sample's shape, the real mean); only where each document starts matters."""
+    scale = VAL_TOKENS / (sum(lengths) * VAL_DOCS / len(lengths))
+    sizes = [max(1, round(lengths[i % len(lengths)] * scale)) for i in range(VAL_DOCS)]
+    stream = torch.zeros(sum(sizes) + 1, dtype=torch.uint8)
+    stream[torch.tensor([0, *itertools.accumulate(sizes[:-1])])] = train_gpt.BOS_ID
+    return stream
+
+
+def eval_tokens(args: Hyperparameters, stream: torch.Tensor) -> dict[str, float]:
+    """Tokens one GPU of 8 reads in each pass of the final evaluation (the slowest rank's per LoRA step): forward
+    only (roundtrip, sliding) or forward + backward (ttt: LoRA TTT, phases: its global SGD), all epochs."""
+    n, seq_len = stream.numel() - 1, args.eval_len
+    tokens = {"roundtrip": n / GPUS, "sliding": len(train_gpt.eval_windows(n, seq_len, args.eval_stride)) * seq_len / GPUS}
+    if args.ttt_epochs and args.ttt_mode != "lora":
+        raise FatalError(f"TTT_MODE={args.ttt_mode}: the evaluation's prediction covers LoRA TTT only")
+    if args.ttt_epochs:
+        batch_seqs = train_gpt.eval_batch_seqs(args)
+        plan = train_gpt.lora_plan(stream, args, batch_seqs, GPUS)
+        tokens["ttt"] = args.ttt_epochs * sum(max(train_gpt.batch_tokens([plan.windows[i] for i in batch]) for batch in step)
+                                              for step in plan.steps)
+        scored = list(itertools.accumulate(sum((plan.docs[i][1] - plan.docs[i][0] for i in batch), 0) for step in plan.steps
+                                           for batch in [sum(step, [])]))
+        phases = train_gpt.phase_steps(args, len(plan.steps), batch_seqs * GPUS)
+        tokens["phases"] = args.ttt_epochs * sum(scored[s] for s in phases) / GPUS
+    return tokens
+
+
+def eval_efficiency(rates: Rates) -> float:
+    """Measured over predicted seconds of EVAL_CALIBRATION's sliding-window pass: what an evaluation pass loses to
+    batch shapes, the per-window loss and its float64 sums beside the forward's work."""
+    settings, seq_len, stride, seconds = EVAL_CALIBRATION
+    args = Hyperparameters.from_env({**BASELINE_ENV, **settings, "TRAIN_SEQ_LEN": str(seq_len), "EVAL_STRIDE": str(stride)})
+    work = forward_work(args, seq_len, None, bf16_params=True)
+    sliding = len(train_gpt.eval_windows(VAL_TOKENS, seq_len, stride)) * seq_len / GPUS
+    return seconds / (sliding * token_seconds(work, rates, FORWARD_X))
+
+
+def predict_eval(env: dict[str, str], rates: Rates, stream: torch.Tensor) -> dict[str, float]:
+    """Predicted seconds of each pass of the final evaluation on 8xH100, and their total."""
+    args = Hyperparameters.from_env(env)
+    work = forward_work(args, args.eval_len, None, bf16_params=False)
+    factor = eval_efficiency(rates)
+    x = {"roundtrip": FORWARD_X, "sliding": FORWARD_X, "ttt": LORA_X, "phases": TRAIN_X}
+    eager = {"ttt": EAGER_X, "phases": EAGER_X}
+    seconds = {name: factor * eager.get(name, 1.0) * n * token_seconds(work, rates, x[name])
+               for name, n in eval_tokens(args, stream).items()}
+    return {**seconds, "total": sum(seconds.values())}
+
+
 def routing_ratios(cli: argparse.Namespace, seq_lens: list[int]) -> dict[int, float]:
     env = dict(item.split("=", 1) for item in shlex.split(cli.routing_env))
     paths = sorted(Path(cli.routing_data).glob("fineweb_val_*.bin"))
@@ -398,6 +475,24 @@ def autocast_rules(rms_norm_fp32: bool) -> str:
     return "torch >= 2.12 (rms_norm fp32)" if rms_norm_fp32 else "torch < 2.12 (rms_norm keeps its dtype)"
 
 
+def print_eval(cli: argparse.Namespace, env: dict[str, str]) -> int:
+    if not cli.val_lengths.is_file():
+        raise FatalError(f"--val-lengths {cli.val_lengths}: no such shard")
+    rates = calibrate()
+    seconds = predict_eval(env, rates, golf_val_stream(sample_val_lengths(cli.val_lengths)))
+    if cli.json:
+        print(json.dumps({"settings": env, "eval_seconds": seconds, "eval_efficiency": eval_efficiency(rates),
+                          "eager_x": EAGER_X, "limit_s": TIME_BUDGET_S}))
+        return 0
+    print(f"final evaluation on 8xH100, predicted (a model, not a measurement; MAX_EVAL_SECONDS's guard is what keeps "
+          f"a run inside the limit); settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}")
+    print(f"evaluation passes at {eval_efficiency(rates):.2f}x their forward work's time (EVAL_CALIBRATION), LoRA TTT "
+          f"and its SGD phases {EAGER_X:g}x more (EAGER_X, eager)")
+    for name, s in seconds.items():
+        print(f"  {name:10}{s:8.1f} s  {s / TIME_BUDGET_S:6.1%} of {TIME_BUDGET_S:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seq-len", type=int, default=1024, help="sequence length of the --json object")
@@ -406,12 +501,18 @@ def main(argv: list[str] | None = None, environ: dict[str, str] | None = None) -
     parser.add_argument("--routing-env", default="", help="the settings that artifact was trained with, KEY=VALUE ...")
     parser.add_argument("--routing-data", default=str(ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024"))
     parser.add_argument("--routing-tokens", type=int, default=131_072, help="val tokens routed (full windows)")
+    parser.add_argument("--eval", action="store_true", help="predict the final evaluation's seconds instead (sliding "
+                        "window and TTT over the 62M-token validation set, documents shaped as --val-lengths')")
+    parser.add_argument("--val-lengths", type=Path, default=ROOT.parent / "shared/data/datasets/fineweb_sample_sp1024/"
+                        "fineweb_val_000000.bin", help="a val shard whose document lengths, scaled, stand in for the real set's")
     parser.add_argument("--rms-norm-fp32", action="store_true", help="both rows under torch >= 2.12's CUDA autocast, "
                         "which returns rms_norm in fp32 (default: the challenge image's torch 2.9.1 and 2.11)")
     cli = parser.parse_args(argv)
     env = {k: v for k, v in (os.environ if environ is None else environ).items()
            if k.lower() in Hyperparameters.__dataclass_fields__}
     try:
+        if cli.eval:
+            return print_eval(cli, env)
         result = report(cli, env)
     except (FatalError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

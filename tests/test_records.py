@@ -93,10 +93,13 @@ def test_parse_real_log(runs: dict[str, Path]) -> None:
     art = log_values(text, "artifact")
     assert (run.sizes.model, run.sizes.code, run.sizes.total, run.sizes.limit) == tuple(
         int(art[k]) for k in ("bytes_model", "bytes_code", "bytes_total", "limit"))
-    sliding = log_values(text, "final_sliding_window_exact")
-    assert (run.score.val_loss, run.score.val_bpb, run.score.stride) == (
+    sliding, ttt = log_values(text, "final_sliding_window_exact"), log_values(text, "final_ttt_exact")
+    assert (run.sliding.val_loss, run.sliding.val_bpb, run.sliding.stride) == (
         float(sliding["val_loss"]), float(sliding["val_bpb"]), 32)
-    assert run.score.eval_time_ms == float(log_values(text, "final_sliding_window")["eval_time"][:-2])
+    assert run.sliding.eval_time_ms == float(log_values(text, "final_sliding_window")["eval_time"][:-2])
+    assert run.score is run.ttt and (run.score.val_loss, run.score.val_bpb) == (float(ttt["val_loss"]), float(ttt["val_bpb"]))
+    total_ms = float(re.search(r"^final_eval_time:(\d+)ms max_eval_seconds:600$", text, re.M).group(1))
+    assert run.eval_total_ms == total_ms > run.ttt.eval_time_ms
     assert run.roundtrip is not None
     assert run.roundtrip.val_bpb == float(log_values(text, "final_int6_zstd_roundtrip_exact")["val_bpb"])
 
@@ -122,7 +125,7 @@ def test_record_folder_layout_and_numbers(record: Path, runs: dict[str, Path]) -
     sub = json.loads((record / "submission.json").read_text())
     # recompute every number from the raw log lines, independently of tools/runlog.py
     texts = {seed: runs[f"log{seed}"].read_text() for seed in SEEDS}
-    sliding = {s: log_values(t, "final_sliding_window_exact") for s, t in texts.items()}
+    sliding = {s: log_values(t, "final_ttt_exact") for s, t in texts.items()}  # the headline: TTT is on by default
     artifact = {s: log_values(t, "artifact") for s, t in texts.items()}
     losses = [float(sliding[s]["val_loss"]) for s in SEEDS]
     bpbs = [float(sliding[s]["val_bpb"]) for s in SEEDS]
@@ -139,7 +142,7 @@ def test_record_folder_layout_and_numbers(record: Path, runs: dict[str, Path]) -
             "val_loss": float(sliding[seed]["val_loss"]), "val_bpb": float(sliding[seed]["val_bpb"]),
             "artifact_bytes": int(artifact[seed]["bytes_total"]), "steps": int(stop["step"]),
             "step_avg_ms": float(stop["step_avg"][:-2]), "train_time_s": round(float(stop["train_time"][:-2]) / 1000, 3),
-            "eval_time_s": round(float(log_values(texts[seed], "final_sliding_window")["eval_time"][:-2]) / 1000, 3)}
+            "eval_time_s": round(float(re.search(r"^final_eval_time:(\d+)ms", texts[seed], re.M).group(1)) / 1000, 3)}
     assert (sub["hardware"], sub["pytorch_version"]) == ("1xcpu", log_values(texts[7], "world_size:1")["torch"])
     assert {k: sub[k] for k in ("author", "github_id", "blurb", "name", "date", "track")} == {
         **META, "name": NAME, "date": "2026-11-21", "track": "10min_16mb"}
@@ -202,7 +205,7 @@ def test_checker_passes_and_tests_the_claim(record: Path, runs: dict[str, Path])
     cli = [sys.executable, str(ROOT / "tools" / "check_record.py"), str(record)]
     proc = subprocess.run(cli, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert not fail_lines(proc.stdout) and len([ln for ln in proc.stdout.splitlines() if ln.startswith("ok:")]) == 8
+    assert not fail_lines(proc.stdout) and len([ln for ln in proc.stdout.splitlines() if ln.startswith("ok:")]) == 9
     assert proc.stdout.splitlines()[-1].startswith("verdict: PASS")
 
     scores = [runlog.read_log(runs[f"log{s}"]).score for s in SEEDS]
@@ -292,6 +295,23 @@ def test_checker_fails_train_time_over_600s(record: Path, tmp_path: Path, capsys
             assert fail_lines(out) == ["fail: train time: seed 7 trained 600.500 s > 600 s (stopping_early line)"]
         else:
             assert rc == 0 and "ok: train time: not limited on this track" in out, out
+
+
+@pytest.mark.slow
+def test_checker_fails_an_evaluation_over_600s_or_unlogged(record: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    folder = copy_record(record, tmp_path)
+    log = folder / "train_seed8.log"
+    old = re.search(r"^final_eval_time:.*$", log.read_text(), re.M).group(0)
+    log.write_text(log.read_text().replace(old, "final_eval_time:600500ms max_eval_seconds:600"))
+    edit_json(folder / "submission.json", lambda sub: sub["seed_results"]["8"].update(eval_time_s=600.5))
+    rc, out = check(folder, capsys)
+    assert rc == 1 and fail_lines(out) == ["fail: eval time: seed 8 evaluated for 600.500 s > 600 s (final_eval_time line)"]
+    log.write_text(log.read_text().replace("final_eval_time:600500ms max_eval_seconds:600\n", ""))
+    edit_json(folder / "submission.json", lambda sub: sub["seed_results"]["8"].update(eval_time_s=None))
+    rc, out = check(folder, capsys)
+    assert rc == 1 and fail_lines(out) == ["fail: eval time: seed 8's log has no final_eval_time line: its evaluation "
+                                           "time is unknown"]
 
 
 @pytest.mark.slow

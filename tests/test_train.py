@@ -20,8 +20,9 @@ from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, SHARED_DATA, SP1024, TEST_
 
 SAMPLE_TEXT = SHARED_DATA / "text" / "fineweb_sample10BT_legalpilot_annotated.jsonl"
 SLOW = pytest.mark.slow  # cases the everyday tier (-m "not slow") leaves to the full suite
-FINAL_PREFIXES = ("final_ema_prequant", "artifact", "final_int6_zstd_roundtrip ", "final_int6_zstd_roundtrip_exact",
-                  "final_sliding_window ", "final_sliding_window_exact")
+FINAL_PREFIXES = ("eval_budget", "final_ema_prequant", "artifact", "final_int6_zstd_roundtrip ",
+                  "final_int6_zstd_roundtrip_exact", "final_sliding_window ", "final_sliding_window_exact", "ttt_adapted",
+                  "final_ttt ", "final_ttt_exact", "final_eval_time")  # TTT on by default: its score is the headline
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +52,9 @@ def test_run_prints_final_lines_and_writes_the_artifact(reference_run):
     assert len(exact["val_bpb"].split(".")[1]) == 8 and 0 < float(exact["val_bpb"]) < 10
     sliding = log_values(stdout, "final_sliding_window")
     assert sliding["stride"] == "32" and math.isfinite(float(sliding["val_bpb"]))
+    ttt = log_values(stdout, "final_ttt_exact")
+    assert (ttt["mode"], ttt["doc_chunk"], ttt["epochs"]) == ("lora", "32", "1") and ttt["val_bpb"] != sliding["val_bpb"]
+    assert log_values(stdout, "ttt_adapted")["steps"] == "4/4" and lines[-1].startswith("final_eval_time:")
     assert (workdir / "logs" / "convgpt.txt").read_text() == stdout
     losses = train_losses(stdout)
     assert len(losses) == 6 and losses[-1] < losses[0]
@@ -110,17 +114,47 @@ def test_two_process_gloo_matches_one_process_with_accumulation(reference_run, s
 
 
 @pytest.mark.slow
-def test_ttt_adds_a_headline_after_the_unchanged_sliding_score_and_matches_across_ranks(reference_run, smoke_data, tmp_path):
+def test_phased_ttt_on_two_ranks_matches_one(reference_run, smoke_data, tmp_path):
+    """The default TTT (LoRA per document, global SGD phases) with a phase that runs at this size: 4 documents per
+    batch, SGD after the steps that score the first 8 (one step on 2 ranks, two on 1). The sliding score is the
+    unchanged run's; 2 ranks give 1 rank's TTT score up to the phase boundary's shift."""
     _, stdout = reference_run
-    env = trainer_env(smoke_data, tmp_path, TTT_EPOCHS="2", TTT_CHUNK_TOKENS="2048", TTT_LR="0.01")
+    env = trainer_env(smoke_data, tmp_path, VAL_BATCH_SIZE="2048", TTT_PHASES="1", TTT_PHASE_DOCS="8", TTT_LR="0.01")
     one, two = run_trainer(env, tmp_path), run_trainer(env, tmp_path, nproc=2)
     assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    lines = one.stdout.splitlines()
-    assert lines[-2].startswith("final_ttt stride:32 chunk:2048 epochs:2 ") and lines[-1].startswith("final_ttt_exact ")
     assert log_values(one.stdout, "final_sliding_window_exact") == log_values(stdout, "final_sliding_window_exact")
-    ttt, sliding = (float(log_values(one.stdout, p)["val_bpb"]) for p in ("final_ttt_exact", "final_sliding_window_exact"))
-    assert ttt != sliding and float(log_values(one.stdout, "final_ttt")["eval_time"].removesuffix("ms")) > 0
-    assert float(log_values(two.stdout, "final_ttt_exact")["val_bpb"]) == pytest.approx(ttt, abs=1e-3)
+    assert log_values(one.stdout, "ttt_adapted") == {"steps": "15/15", "phases": "1"}
+    assert log_values(two.stdout, "ttt_adapted") == {"steps": "8/8", "phases": "1"}
+    ttt = float(log_values(one.stdout, "final_ttt_exact")["val_bpb"])
+    assert ttt != float(log_values(stdout, "final_ttt_exact")["val_bpb"])  # the phase changed the model
+    assert float(log_values(two.stdout, "final_ttt_exact")["val_bpb"]) == pytest.approx(ttt, abs=2e-2)
+
+
+def test_a_budget_too_small_for_full_ttt_stops_adapting_and_still_scores_every_target(reference_run, smoke_data, tmp_path):
+    """16 Adam steps per chunk take about 35 s here, plain scoring 2 s: with MAX_EVAL_SECONDS=15 adapting stops early,
+    the evaluation ends inside the budget, and the TTT score counts the sliding window's targets and bytes (the
+    ratio val_bpb / val_loss = tokens / (bytes ln 2) is the same)."""
+    workdir, _ = reference_run
+    env = trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz"), TTT_EPOCHS="16",
+                      VAL_BATCH_SIZE="2048", MAX_EVAL_SECONDS="15")
+    out = run_trainer(env, tmp_path)
+    assert out.returncode == 0, out.stderr
+    adapted = log_values(out.stdout, "ttt_adapted")
+    done, steps = map(int, adapted["steps"].split("/"))
+    assert done < steps == 15 and adapted["budget"] == "15s" and float(adapted["stop_elapsed"].removesuffix("s")) < 15
+    total = float(re.search(r"^final_eval_time:(\d+)ms max_eval_seconds:15$", out.stdout, re.M).group(1))
+    assert total <= 15_000
+    ratio = [float(v["val_bpb"]) / float(v["val_loss"]) for v in
+             (log_values(out.stdout, p) for p in ("final_ttt_exact", "final_sliding_window_exact"))]
+    assert ratio[0] == pytest.approx(ratio[1], rel=1e-7)
+
+
+def test_a_budget_that_cannot_fit_plain_scoring_is_refused_before_training(smoke_data, tmp_path):
+    out = run_trainer(trainer_env(smoke_data, tmp_path, MAX_EVAL_SECONDS="0.05"), tmp_path)
+    assert out.returncode == 2 and "train_loss" not in out.stdout and not (tmp_path / "model.ptz").exists()
+    assert re.fullmatch(r"error: MAX_EVAL_SECONDS=0.05 cannot fit even plain scoring: the final evaluation's passes "
+                        r"need \d+\.\d s at the measured pace, and 2% of it is reserved \(raise it or EVAL_STRIDE, or set "
+                        r"TTT_EPOCHS=0\)\n", out.stderr)
 
 
 def test_gptq_quantizes_the_same_training_with_less_output_error(reference_run, smoke_data, tmp_path):
@@ -177,16 +211,13 @@ def test_sp8192_preset_trains_end_to_end_and_counts_bytes_like_the_text(smoke_da
     assert counted == text and (val == tg.BOS_ID).sum() == 30
 
 
-def test_lora_ttt_adds_its_headline_in_eval_only(reference_run, smoke_data, tmp_path):
+def test_eval_only_reproduces_the_ttt_headline(reference_run, smoke_data, tmp_path):
+    """EVAL_ONLY=1 runs the same final evaluation as the training run: the same TTT score, to the last digit."""
     workdir, stdout = reference_run
-    env = trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz"), TTT_EPOCHS="1",
-                      TTT_MODE="lora", TTT_DOC_CHUNK="32", TTT_LORA_RANK="2")
-    out = run_trainer(env, tmp_path)
+    out = run_trainer(trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz")), tmp_path)
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()
-    assert lines[-2].startswith("final_ttt mode:lora doc_chunk:32 rank:2 epochs:1 ") and lines[-1].startswith("final_ttt_exact ")
-    assert log_values(out.stdout, "final_sliding_window_exact") == log_values(stdout, "final_sliding_window_exact")
-    assert math.isfinite(float(log_values(out.stdout, "final_ttt_exact")["val_bpb"]))
+    assert log_values(out.stdout, "final_ttt_exact") == log_values(stdout, "final_ttt_exact")
+    assert log_values(out.stdout, "ttt_adapted") == log_values(stdout, "ttt_adapted")
 
 
 def copy_dataset(smoke_data, dest: Path) -> Path:
@@ -329,7 +360,7 @@ def test_compiled_two_process_run_with_late_qat_matches_eager(reference_run, smo
     mid-run after a warm-up that compiled both variants, BigramHash and TTT through the compiled forward.
     Numerics differ from one eager process only by fusion and reduction rounding."""
     _, stdout = reference_run
-    env = dict(QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64", TTT_EPOCHS="1", TTT_CHUNK_TOKENS="4096")
+    env = dict(QAT_START_FRAC="0.5", WARMUP_STEPS="2", EVAL_STRIDE="64")
     out = run_trainer(trainer_env(smoke_data, tmp_path, COMPILE="1", **env), tmp_path, nproc=2, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compile:True" in out.stdout and "world_size:2" in out.stdout

@@ -18,12 +18,15 @@ passes, 1 otherwise (2 for bad arguments). The checks:
   code          every log's `code` line (bytes_code and sha256) and the submission's bytes_code match the code
                 files in this folder
   train time    stopping_early train_time <= 600 s per seed (10min_16mb track only)
+  eval time     final_eval_time (round trip + sliding window + TTT) <= 600 s per seed (10min_16mb track only; a
+                log without the line fails there: its evaluation time is unknown)
   self-contained  `python -c "import train_gpt, convgpt_ops, quantize"` with cwd = the folder, PYTHONPATH unset,
                 imports all three from the folder (no bytecode written)
   record claim  with --previous-bpb/--previous-loss only, see below
 
 The record claim (challenge rule: beat the previous record by >= 0.005 nats at p < 0.01). Per seed i,
-  d_i = previous_loss_nats - val_loss_i        (val_loss_i: the headline final_sliding_window_exact, nats/token)
+  d_i = previous_loss_nats - val_loss_i        (val_loss_i: the headline, final_ttt_exact when the run used TTT,
+                                                else final_sliding_window_exact, nats/token)
 A previous score given in bpb is converted with each run's own ratio val_loss_i / val_bpb_i = ln 2 * bytes/token of
 this validation set, i.e. previous_loss_nats_i = previous_bpb * val_loss_i / val_bpb_i: the previous record's
 bits per byte expressed as nats per token of our tokenization (nats per token of another tokenizer, e.g. sp8192,
@@ -49,7 +52,8 @@ from typing import Any, Callable, Sequence
 if __package__ in (None, ""):  # run as a script: make `tools` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.make_record import (DATE_PREFIX_RE, LIMIT_BYTES, TRACK_DIRS, TRAIN_LIMIT_MS, RecordError,  # noqa: E402
+from tools.make_record import (DATE_PREFIX_RE, EVAL_LIMIT_MS, LIMIT_BYTES, TRACK_DIRS, TRAIN_LIMIT_MS,  # noqa: E402
+                               RecordError,
                                code_mismatch, code_sha256, code_sizes, consistency_problem, counted_code,
                                derived_fields, log_name)
 from tools.runlog import RunLog, read_log  # noqa: E402
@@ -296,6 +300,18 @@ class RecordChecker:
             raise CheckFailed(f"seed {worst.seed} trained {seconds:.3f} s > 600 s (stopping_early line)")
         return f"longest {seconds:.1f} s <= 600 s"
 
+    def check_eval_time(self) -> str:
+        runs = self._runs()
+        if self.track != "10min_16mb":
+            return "not limited on this track"
+        unknown = [r.seed for r in runs if r.eval_total_ms is None]
+        if unknown:
+            raise CheckFailed(f"seed {unknown[0]}'s log has no final_eval_time line: its evaluation time is unknown")
+        worst = max(runs, key=lambda r: r.eval_total_ms)
+        if worst.eval_total_ms > EVAL_LIMIT_MS:
+            raise CheckFailed(f"seed {worst.seed} evaluated for {worst.eval_total_ms / 1000:.3f} s > 600 s (final_eval_time line)")
+        return f"longest {worst.eval_total_ms / 1000:.1f} s <= 600 s"
+
     def check_self_contained(self) -> str:
         code = ("import sys, train_gpt, convgpt_ops, quantize\n"
                 "for m in (train_gpt, convgpt_ops, quantize): print(m.__file__)")
@@ -343,7 +359,8 @@ class RecordChecker:
     def checks(self) -> list[tuple[str, Callable[[], str]]]:
         out = [("files", self.check_files), ("logs", self.check_logs), ("config", self.check_config),
                ("submission", self.check_submission), ("size", self.check_size), ("code", self.check_code),
-               ("train time", self.check_train_time), ("self-contained", self.check_self_contained)]
+               ("train time", self.check_train_time), ("eval time", self.check_eval_time),
+               ("self-contained", self.check_self_contained)]
         if self.previous_bpb is not None or self.previous_loss is not None:
             out.append(("record claim", self.check_claim))
         return out

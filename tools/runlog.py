@@ -24,8 +24,11 @@ The log is a sequence of `key:value` lines written by rank 0 (see README.md, "Ou
   final_int6_zstd_roundtrip_exact val_loss:L val_bpb:B
   final_sliding_window stride:K val_loss:L val_bpb:B eval_time:Xms
   final_sliding_window_exact stride:K val_loss:L val_bpb:B          <- the headline score
-  final_ttt stride:K chunk:C epochs:E val_loss:L val_bpb:B eval_time:Xms   (TTT_EPOCHS > 0 only)
-  final_ttt_exact stride:K chunk:C epochs:E val_loss:L val_bpb:B    <- the headline score when present
+  ttt_adapted steps:A/S ...                 (TTT_EPOCHS > 0 with MAX_EVAL_SECONDS > 0: where adapting stopped)
+  final_ttt mode:lora doc_chunk:C rank:R epochs:E phases:P val_loss:L val_bpb:B eval_time:Xms   (TTT_EPOCHS > 0;
+                                         TTT_MODE=sgd: stride:K chunk:C epochs:E instead of mode ... phases)
+  final_ttt_exact <the same tags> val_loss:L val_bpb:B                <- the headline score when present
+  final_eval_time:Xms max_eval_seconds:S  the whole final evaluation, which the 600 s evaluation limit bounds
 Other lines (launcher noise) are ignored. The trainer appends to logs/<RUN_ID>.txt, so a file that holds more than
 one run (two `world_size:` lines) is refused rather than silently mixed.
 """
@@ -105,6 +108,7 @@ class RunLog:
     roundtrip: Score | None = None  # final_int6_zstd_roundtrip(_exact)
     sliding: Score | None = None  # final_sliding_window(_exact): the headline score without TTT
     ttt: Score | None = None  # final_ttt(_exact): score-first test-time training, the headline when present
+    eval_total_ms: float | None = None  # final_eval_time: round trip + sliding window + TTT, from the artifact's weights
 
     # -- accessors that refuse an unfinished run with a message naming the log
     def _missing(self, line: str) -> ValueError:
@@ -213,6 +217,8 @@ def parse_log(text: str, source: str = "<text>", *, require_finished: bool = Tru
             elif tags and tags[0] == "artifact":
                 run.artifact = ArtifactBytes(int(kv["bytes_model"]), int(kv["bytes_code"]), int(kv["bytes_total"]),
                                              int(kv["limit"]))
+            elif first.startswith("final_eval_time:"):
+                run.eval_total_ms = _ms(kv["final_eval_time"])
             elif tags and tags[0].startswith("final_"):
                 finals[tags[0]] = kv
         except (KeyError, ValueError, IndexError) as e:
