@@ -6,22 +6,24 @@ Commands
   sweep:           NUM_LAYERS=11 MEM_TOPK=8 torchrun --standalone --nproc_per_node=8 train_gpt.py
   GPTQ export:     GPTQ=1 torchrun ...          (training stops GPTQ_RESERVE_SECONDS early; calibration fits in them)
   vocab 8192:      PRESET=sp8192 torchrun ...   (data/cached_challenge_fineweb.py --variant sp8192 first)
-  re-evaluate:     EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
-  + score-first TTT: TTT_EPOCHS=3 EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py
-  + per-document LoRA TTT: TTT_MODE=lora TTT_EPOCHS=1 EVAL_ONLY=1 ARTIFACT_PATH=... python train_gpt.py
+  re-evaluate:     EVAL_ONLY=1 ARTIFACT_PATH=final_model.int6.ptz python train_gpt.py   (the run's evaluation, TTT too)
+  without TTT:     TTT_EPOCHS=0 ...                 (the sliding window is then the headline)
   CPU smoke run:   bash run.sh                      (synthetic sample, not FineWeb)
 
 Settings are environment variables named after the Hyperparameters fields in upper case; every resolved
 value is logged at start, and a name one typo away from a setting gets a warning. Rank 0 logs key:value
-lines to stdout and logs/<RUN_ID>.txt, ending with final_int6_zstd_roundtrip, _exact, final_sliding_window
-final_sliding_window_exact (then final_ttt, final_ttt_exact with TTT_EPOCHS > 0) and
-`artifact bytes_model:A bytes_code:B bytes_total:C limit:16000000`.
+lines to stdout and logs/<RUN_ID>.txt: `artifact bytes_model:A bytes_code:B bytes_total:C limit:16000000`, then
+final_int6_zstd_roundtrip(_exact), final_sliding_window(_exact), ttt_adapted, final_ttt(_exact) (the headline;
+TTT_EPOCHS > 0, the default) and final_eval_time (the whole final evaluation).
 
 Invariants
   * Causal: logits at t depend on tokens <= t only (tests/test_model.py, in every mixer configuration).
   * val_bpb is the challenge's: every validation target is scored exactly once, bytes come from the pieces.
   * TTT scores every target before any update trains on it, and LoRA TTT's adapters never cross a document
     boundary (tests/test_eval.py perturbs unscored tokens).
+  * The final evaluation fits MAX_EVAL_SECONDS (600, the rules'): a budget that cannot fit plain scoring at the
+    pace measured at start is refused before training; TTT adapts only while every rank predicts the rest, scored
+    without adapting, still fits (LoraGuard), and then scores the rest as it stands, every target once.
   * Any world size dividing 8 trains the same global batch (8 micro-batches per step in total); DDP averages the
     gradients once per step, overlapped with the last backward (tests/test_train.py: 2 processes = 1).
   * The artifact is written atomically, only from finite weights and only under the cap.
@@ -81,7 +83,7 @@ EVAL_MARGIN = 1.25  # LoRA TTT's guard: the rest's scoring time, predicted from 
 # short windows of the last, shortest documents run at a worse pace per token than the long ones measured first)
 EVAL_RESERVE = 0.02  # of MAX_EVAL_SECONDS kept free (12 s of 600) for the final all-reduces, the logs and jitter
 PACE_REPEATS = 4  # scoring_pace's runs of one batch
-UNMEASURED_COST = 4.0  # a LoRA step's or a global SGD step's seconds per token, in plain scoring's, until measured
+UNMEASURED_COST = 4.0  # a LoRA step's seconds per token and epoch, in plain scoring's, until measured
 SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
 BIGRAM_SCALE_INIT = 0.05  # BigramHash record
@@ -98,7 +100,6 @@ CHOICES = {
     "conv2d_layout": CONV2D_LAYOUTS,
     "embed_quant": ("int8", "int6", "fp16"),
     "compile": ("auto", "0", "1"),
-    "ttt_mode": ("lora", "sgd"),
 }
 
 
@@ -181,16 +182,10 @@ class Hyperparameters:
     eval_seq_len: int = 0  # 0 = TRAIN_SEQ_LEN
     eval_stride: int = 64
     max_eval_seconds: float = 600.0  # the final evaluation's wallclock (CHALLENGE.md); TTT adapts while the rest fits
-    ttt_epochs: int = 1  # legal score-first test-time training: optimizer steps (lora) or epochs (SGD); 0 = off
-    ttt_mode: str = "lora"  # lora: adapters per document, reset at BOS (+ global SGD phases); sgd: chunks of the stream
-    ttt_chunk_tokens: int = 32768  # sgd mode: validation targets scored between two TTT updates
-    ttt_lr: float = 0.002  # SGD: sgd mode, and lora mode's global phases
-    ttt_momentum: float = 0.9
+    ttt_epochs: int = 1  # legal score-first LoRA TTT: Adam steps on each scored chunk of a document; 0 = off
     ttt_lora_rank: int = 8
-    ttt_lora_lr: float = 0.01  # Adam, lora mode
-    ttt_doc_chunk: int = 128  # lora mode: tokens of a document scored between two adapter updates
-    ttt_phases: int = 3  # lora mode: global SGD phases (phased TTT) while the first TTT_PHASE_DOCS are scored; 0 = none
-    ttt_phase_docs: int = 2000  # lora mode: documents, longest first, that the global SGD phases span
+    ttt_lora_lr: float = 0.01
+    ttt_doc_chunk: int = 128  # tokens of a document scored between two adapter updates
     # device
     compile: str = "auto"  # auto = on with CUDA
 
@@ -253,18 +248,15 @@ class Hyperparameters:
              "TRAIN_LOG_EVERY and VAL_BATCH_SIZE must be >= 1, VAL_LOSS_EVERY >= 0"),
             (self.bigram_buckets == 0 or (self.bigram_buckets >= 2 and self.bigram_dim >= 1),
              f"BIGRAM_BUCKETS={self.bigram_buckets} must be 0 or >= 2, BIGRAM_DIM={self.bigram_dim} >= 1"),
-            (self.ttt_epochs >= 0 and self.ttt_chunk_tokens >= self.eval_stride and self.ttt_lr > 0,
-             f"TTT_EPOCHS={self.ttt_epochs} must be >= 0, TTT_CHUNK_TOKENS={self.ttt_chunk_tokens} >= EVAL_STRIDE, TTT_LR > 0"),
+            (self.ttt_epochs >= 0 and self.max_eval_seconds >= 0,
+             f"TTT_EPOCHS={self.ttt_epochs} and MAX_EVAL_SECONDS={self.max_eval_seconds} must be >= 0"),
             (self.gptq_calib_batches >= 1 and self.gptq_block >= 1 and self.gptq_damp > 0 and self.gptq_reserve_seconds >= 0,
              f"GPTQ_CALIB_BATCHES={self.gptq_calib_batches} and GPTQ_BLOCK={self.gptq_block} must be >= 1, GPTQ_DAMP > 0 "
              f"and GPTQ_RESERVE_SECONDS >= 0"),
             (not self.gptq or self.max_wallclock_seconds == 0 or self.train_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in MAX_WALLCLOCK_SECONDS="
              f"{self.max_wallclock_seconds}"),
-            (self.max_eval_seconds >= 0 and self.ttt_phases >= 0 and self.ttt_phase_docs >= 0,
-             f"MAX_EVAL_SECONDS={self.max_eval_seconds}, TTT_PHASES={self.ttt_phases} and TTT_PHASE_DOCS="
-             f"{self.ttt_phase_docs} must be >= 0"),
-            (self.ttt_lora_rank >= 1 and self.ttt_lora_lr > 0 and (self.ttt_mode != "lora" or 1 <= self.ttt_doc_chunk <= self.eval_len),
+            (self.ttt_lora_rank >= 1 and self.ttt_lora_lr > 0 and 1 <= self.ttt_doc_chunk <= self.eval_len,
              f"TTT_LORA_RANK={self.ttt_lora_rank} must be >= 1, TTT_LORA_LR > 0, TTT_DOC_CHUNK={self.ttt_doc_chunk} "
              f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
@@ -889,55 +881,6 @@ def shard(items: list, rank: int, world_size: int) -> list:
     return items[rank * len(items) // world_size:(rank + 1) * len(items) // world_size]
 
 
-def eval_ttt(model: nn.Module, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], args: Hyperparameters,
-             batch_seqs: int, rank: int = 0, world_size: int = 1) -> tuple[float, float, list[Tensor]]:
-    """Legal score-first TTT: sliding windows in groups of TTT_CHUNK_TOKENS targets, left to right; each group
-    is scored first, then the model trains TTT_EPOCHS epochs of SGD on exactly the targets scored so far that
-    it has not trained on, so no token is trained on before it is scored. Mutates model. Returns (val_loss,
-    val_bpb, the all-reduced [nll, targets, bytes] of every group)."""
-    seq_len, stride = args.eval_len, args.eval_stride
-    windows = eval_windows(val_tokens.numel() - 1, seq_len, stride)
-    per_group = max(1, args.ttt_chunk_tokens // stride)
-    groups = [windows[i:i + per_group] for i in range(0, len(windows), per_group)]
-    params = [p for p in model.parameters() if p.requires_grad]
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    group_sums, trained_to = [], 0
-    for g, group in enumerate(groups):
-        model.eval()
-        group_sums.append(all_reduce(score_windows(model, val_tokens, luts, shard(group, rank, world_size), batch_seqs)))
-        scored_to = group[-1][1]
-        if g + 1 < len(groups):
-            ttt_train(model, opt, params, val_tokens, (trained_to, scored_to), seq_len, batch_seqs, rank, world_size, args.ttt_epochs)
-        trained_to = scored_to
-    return (*loss_and_bpb(torch.stack(group_sums).sum(0)), group_sums)
-
-
-def ttt_train(model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], val_tokens: Tensor,
-              span: tuple[int, int], seq_len: int, batch_seqs: int, rank: int, world_size: int, epochs: int) -> None:
-    """SGD on the targets of input positions [lo, hi) in sequences of seq_len ending by hi (the last one is
-    shifted back so it ends at hi, re-reading a few scored targets). A step is batch_seqs sequences split over
-    the ranks and averaged, so the updates do not depend on the world size."""
-    lo, hi = span
-    length = min(seq_len, hi)
-    starts = sorted({*range(lo, hi - length + 1, length), hi - length})
-    device = next(model.parameters()).device
-    model.train()
-    for _, i in itertools.product(range(epochs), range(0, len(starts), batch_seqs)):
-        opt.zero_grad(set_to_none=False)
-        step = starts[i:i + batch_seqs]
-        mine = shard(step, rank, world_size)
-        if mine:
-            tokens = val_tokens[torch.tensor(mine)[:, None] + torch.arange(length + 1)].to(device).long()
-            with autocast(device):
-                loss = model(tokens[:, :-1], tokens[:, 1:])
-            (loss * len(mine) * world_size / len(step)).backward()
-        sync_gradients(params, world_size)
-        opt.step()
-    model.eval()
-
-
 def documents(val_tokens: Tensor) -> list[tuple[int, int]]:
     """Input-position spans [start, end) of the BOS-delimited documents; a document's targets run to the next
     document's BOS, so together they score every target once."""
@@ -971,7 +914,6 @@ def lora_forward(model: ConvGPT, adapters: list, val_tokens: Tensor, windows: li
 
 
 class LoraPlan(NamedTuple):
-    docs: list[tuple[int, int]]  # input spans (documents)
     windows: list[list[tuple[int, int, int]]]  # each document's chunks (document_windows)
     first: list[int]  # index of each document's first chunk among all chunks, documents in order
     steps: list[list[list[int]]]  # steps[s][rank]: the documents that rank scores in step s (maybe none)
@@ -979,12 +921,11 @@ class LoraPlan(NamedTuple):
 
 def lora_plan(val_tokens: Tensor, args: Hyperparameters, batch_seqs: int, world_size: int) -> LoraPlan:
     """Documents longest first, batch_seqs at a time; in step s, rank r takes batch s * world_size + r."""
-    docs = documents(val_tokens)
-    windows = [document_windows(doc, args.ttt_doc_chunk, args.eval_len) for doc in docs]
+    windows = [document_windows(doc, args.ttt_doc_chunk, args.eval_len) for doc in documents(val_tokens)]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     batches = [order[i:i + batch_seqs] for i in range(0, len(order), batch_seqs)]
     steps = [[*batches[i:i + world_size], *[[]] * world_size][:world_size] for i in range(0, len(batches), world_size)]
-    return LoraPlan(docs, windows, list(itertools.accumulate(map(len, windows), initial=0)), steps)
+    return LoraPlan(windows, list(itertools.accumulate(map(len, windows), initial=0)), steps)
 
 
 def batch_tokens(windows: list[list[tuple[int, int, int]]]) -> int:
@@ -993,45 +934,26 @@ def batch_tokens(windows: list[list[tuple[int, int, int]]]) -> int:
                for live in ([w[c] for w in windows if c < len(w)] for c in range(max(map(len, windows), default=0))))
 
 
-def phase_steps(args: Hyperparameters, n_steps: int, docs_per_step: int) -> set[int]:
-    """The steps after which phased TTT's global SGD runs: those that finish scoring the first p / TTT_PHASES of
-    the first TTT_PHASE_DOCS documents (longest first), p = 1..TTT_PHASES, except the last step (nothing is left
-    to score); none without phases."""
-    if not args.ttt_phases or not args.ttt_phase_docs:
-        return set()
-    return {min(n_steps, -(-args.ttt_phase_docs * p // args.ttt_phases // docs_per_step)) - 1
-            for p in range(1, args.ttt_phases + 1)} - {n_steps - 1}
-
-
-def phase_tokens(val_tokens: Tensor, docs: list[tuple[int, int]]) -> Tensor:
-    """Documents (input spans) in stream order, concatenated with the last one's final target: each starts with its
-    BOS, which is also the previous one's last target, so the targets are exactly the documents' scored targets."""
-    docs = sorted(docs)
-    return torch.cat([*(val_tokens[a:b] for a, b in docs), val_tokens[docs[-1][1]:docs[-1][1] + 1]])
-
-
 class LoraGuard:
     """MAX_EVAL_SECONDS for LoRA TTT: before each step (one batch of documents per rank), adapt only if every rank
-    predicts that adapting this step (and its global SGD phase) and then scoring the rest without adapting still
-    fits: elapsed + step + EVAL_MARGIN x rest x scoring pace <= budget. Paces are seconds per input token on this
-    rank, measured on the steps so far: scoring's on their forward passes (at first the sliding-window pass's),
-    adapting's and SGD's in all (at first UNMEASURED_COST x epochs x scoring's). Once a step is scored without
-    adapting, the rest are too."""
+    predicts that adapting this step and then scoring the rest without adapting still fits: elapsed + step +
+    EVAL_MARGIN x rest x scoring pace <= budget. Paces are seconds per input token on this rank, measured on the
+    steps so far: scoring's on their forward passes (at first the sliding-window pass's), adapting's in all (at
+    first UNMEASURED_COST x epochs x scoring's). Once a step is scored without adapting, the rest are too."""
 
     def __init__(self, budget: EvalBudget, step_tokens: list[int], epochs: int):
         self.budget, self.rest = budget, list(itertools.accumulate(step_tokens[::-1], initial=0))[::-1]
-        self.guess = {"score": 1.0, "adapt": UNMEASURED_COST * epochs, "sgd": UNMEASURED_COST}
-        self.step_tokens, self.spent = step_tokens, {"score": [0.0, 0], "adapt": [0.0, 0], "sgd": [0.0, 0]}
+        self.guess = {"score": 1.0, "adapt": UNMEASURED_COST * epochs}
+        self.step_tokens, self.spent = step_tokens, {"score": [0.0, 0], "adapt": [0.0, 0]}
         self.stopped_at, self.why = None, ""
 
     def pace(self, kind: str) -> float:
         seconds, tokens = self.spent[kind]
         return seconds / tokens if tokens else self.guess[kind] * self.budget.score_pace
 
-    def adapt(self, step: int, sgd_tokens: int) -> bool:
+    def adapt(self, step: int) -> bool:
         if self.stopped_at is None:
-            need = (self.pace("adapt") * self.step_tokens[step] + self.pace("sgd") * sgd_tokens
-                    + EVAL_MARGIN * self.pace("score") * self.rest[step + 1])
+            need = self.pace("adapt") * self.step_tokens[step] + EVAL_MARGIN * self.pace("score") * self.rest[step + 1]
             if not self.budget.fits(need):
                 self.stopped_at = step
                 self.why = f" stop_elapsed:{self.budget.elapsed():.1f}s stop_need:{need:.1f}s budget:{self.budget.seconds:g}s"
@@ -1076,62 +998,35 @@ def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor
     """Legal per-document LoRA TTT: each document is scored in TTT_DOC_CHUNK-token chunks, left to right, with at
     most EVAL_SEQ_LEN tokens of its own context; after a chunk is scored, rank-TTT_LORA_RANK adapters on the block
     matrices take TTT_EPOCHS Adam steps on that chunk's targets. Every document starts from fresh adapters, so no
-    token is trained on before it is scored and no document sees another. Documents run as lora_plan orders them.
-    Phased TTT (TTT_PHASES > 0): after the steps
-    phase_steps names, the whole model takes TTT_EPOCHS epochs of SGD on every document scored so far (all ranks').
-    With a budget, adapting stops where LoraGuard says, and the rest is scored as it stands. Returns (val_loss,
-    val_bpb, the all-reduced [nll, targets, bytes] of every chunk, documents in order)."""
-    docs, windows, first, steps = lora_plan(val_tokens, args, batch_seqs, world_size)
-    phases = phase_steps(args, len(steps), batch_seqs * world_size)
+    token is trained on before it is scored and no document sees another; the model's weights do not change.
+    Documents run as lora_plan orders them. With a budget, adapting stops where LoraGuard says, and the rest is
+    scored by the plain model. Returns (val_loss, val_bpb, the all-reduced [nll, targets, bytes] of every chunk,
+    documents in order)."""
+    windows, first, steps = lora_plan(val_tokens, args, batch_seqs, world_size)
     guard = LoraGuard(budget, [batch_tokens([windows[i] for i in step[rank]]) for step in steps], args.ttt_epochs) if budget else None
     sums = torch.zeros(first[-1], 3, dtype=torch.float64, device=next(model.parameters()).device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=args.ttt_lr, momentum=args.ttt_momentum)
-    for p in params:
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
         p.requires_grad_(False)
-    phases_run = 0
     try:
         for s, step in enumerate(steps):
-            mine = step[rank]
-            sgd = phase_tokens(val_tokens, [docs[i] for b in itertools.chain(*steps[:s + 1]) for i in b]) if s in phases else None
-            adapt = args.ttt_epochs > 0 and (guard is None or guard.adapt(s, args.ttt_epochs * (0 if sgd is None else sgd.numel()) // world_size))
+            adapt = args.ttt_epochs > 0 and (guard is None or guard.adapt(s))
             t0, forward_seconds = time.perf_counter(), [0.0]
-            if mine:
-                score_lora_batch(model, val_tokens, luts, [windows[i] for i in mine], [first[i] for i in mine], sums,
-                                 args, adapt, forward_seconds)
+            if step[rank]:
+                score_lora_batch(model, val_tokens, luts, [windows[i] for i in step[rank]], [first[i] for i in step[rank]],
+                                 sums, args, adapt, forward_seconds)
             if guard and adapt:
                 sync(sums.device)
                 guard.timed("adapt", guard.step_tokens[s], time.perf_counter() - t0)
                 guard.timed("score", guard.step_tokens[s], forward_seconds[0])
-            if adapt and sgd is not None:
-                t0 = time.perf_counter()
-                global_sgd(model, opt, params, sgd, args, batch_seqs, rank, world_size)
-                phases_run += 1
-                if guard:
-                    guard.timed("sgd", args.ttt_epochs * sgd.numel() // world_size, time.perf_counter() - t0)
     finally:
-        for p in params:
+        for p in frozen:
             p.requires_grad_(True)
     if log:
         stop = guard.stopped_at if guard else None
-        log(f"ttt_adapted steps:{len(steps) if stop is None else stop}/{len(steps)} phases:{phases_run}"
-            + (guard.why if guard else ""))
+        log(f"ttt_adapted steps:{len(steps) if stop is None else stop}/{len(steps)}" + (guard.why if guard else ""))
     sums = all_reduce(sums)
     return (*loss_and_bpb(sums.sum(0)), sums)
-
-
-def global_sgd(model: ConvGPT, opt: torch.optim.Optimizer, params: list[Tensor], tokens: Tensor, args: Hyperparameters,
-               batch_seqs: int, rank: int, world_size: int) -> None:
-    """Phased TTT's global step: TTT_EPOCHS epochs of SGD of the whole model on tokens (phase_tokens)."""
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = torch.zeros_like(p)
-    try:
-        ttt_train(model, opt, params, tokens, (0, tokens.numel() - 1), args.eval_len, batch_seqs, rank, world_size, args.ttt_epochs)
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-            p.grad = None
 
 
 class EvalBudget:
@@ -1178,11 +1073,9 @@ def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist) -> dict[str
     n, seq_len = val_tokens.numel() - 1, args.eval_len
     tokens = {name: sum(end - start for start, end, _ in shard(eval_windows(n, seq_len, stride), d.rank, d.world_size))
               for name, stride in (("roundtrip", seq_len), ("sliding", args.eval_stride))}
-    if args.ttt_epochs and args.ttt_mode == "lora":
+    if args.ttt_epochs:
         plan = lora_plan(val_tokens, args, eval_batch_seqs(args), d.world_size)
         tokens["ttt"] = sum(batch_tokens([plan.windows[i] for i in step[d.rank]]) for step in plan.steps)
-    elif args.ttt_epochs:
-        tokens["ttt"] = tokens["sliding"]
     return tokens
 
 
@@ -1207,10 +1100,8 @@ def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | No
     args = model.args
     t0 = time.perf_counter()
     batch_seqs = eval_batch_seqs(args)
-    if ttt and args.ttt_mode == "lora":
+    if ttt:
         loss, bpb, _ = eval_lora_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size, budget, log)
-    elif ttt:
-        loss, bpb, _ = eval_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size)
     else:
         loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
     return loss, bpb, 1000 * (time.perf_counter() - t0)
@@ -1233,8 +1124,7 @@ def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Cal
     if args.ttt_epochs:
         loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True, budget=budget, log=log)
         a = args
-        tag = (f"mode:lora doc_chunk:{a.ttt_doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs} phases:{a.ttt_phases}"
-               if a.ttt_mode == "lora" else f"stride:{stride} chunk:{a.ttt_chunk_tokens} epochs:{a.ttt_epochs}")
+        tag = f"mode:lora doc_chunk:{a.ttt_doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs}"
         log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     log(f"final_eval_time:{1000 * (time.perf_counter() - t0):.0f}ms max_eval_seconds:{args.max_eval_seconds:g}")

@@ -95,7 +95,10 @@ def prepare_data(cli: argparse.Namespace) -> None:
 # The clip k settings came with the rms grid (2026-12-06); a log without them exported on the row-max grid, which
 # no setting of today's code reproduces.
 VALUE_BEFORE_ADDED = {"parallel_from": "0",  # PARALLEL_FROM came in off; the default became -2 on 2026-12-06
-                      **dict.fromkeys(("matrix_clip_k", "bigram_clip_k", "embed_clip_k"), "row max")}
+                      **dict.fromkeys(("matrix_clip_k", "bigram_clip_k", "embed_clip_k"), "row max"),
+                      "ttt_epochs": "0"}  # TTT came in off; on by default since issue 34
+INERT_WITHOUT_TTT = ("ttt_", "max_eval_seconds")  # settings (prefixes) that change no score when TTT_EPOCHS=0,
+# deleted ones included (TTT_MODE=sgd and its TTT_CHUNK_TOKENS lost to LoRA TTT, issue 34)
 # Levers deleted after losing their A/B, with their off value: a log naming one at it trained today's code.
 RETIRED_OFF = {"recur": "", "mem_conv": "0", "route_pre_rope": "False", "fuse_gate": "0"}
 
@@ -105,7 +108,8 @@ def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool 
     None. A setting the log lacks matches only at its default: it was added after the run, and a new setting's
     default keeps what training computed before (the proxy default rerun after GPTQ, TTT_MODE and PRESET were
     added reproduced its val_bpb to 8 decimals), except where that default changed since (VALUE_BEFORE_ADDED). A
-    deleted lever the log names matches only at its off value (RETIRED_OFF). The code is not compared: after a
+    deleted lever the log names matches only at its off value (RETIRED_OFF). With TTT off in both, TTT's settings
+    are not compared (INERT_WITHOUT_TTT). The code is not compared: after a
     change to what training computes, use a fresh --work. A run under tools/cuda_rules.py (its log says
     cuda_rules:) serves only --cuda-rules.
     One exception to the defaults rule: a CUDA log older than BODY_DTYPE trained with an fp32 stream, though it
@@ -119,6 +123,9 @@ def reusable(path: Path, env: dict[str, str], world_size: int, cuda_rules: bool 
     defaults = {key: str(value) for key, value in asdict(Hyperparameters()).items()} | VALUE_BEFORE_ADDED
     hp = {key: value for key, value in run.hp.items() if RETIRED_OFF.get(key) != value}
     logged = {key: hp.get(key, defaults[key]) for key in expected}
+    if logged["ttt_epochs"] == expected["ttt_epochs"] == "0":
+        logged, expected, hp = ({k: v for k, v in d.items() if not k.startswith(INERT_WITHOUT_TTT)}
+                                for d in (logged, expected, hp))
     same = logged == expected and set(hp) <= set(expected) and ("\ncuda_rules:" in "\n" + text) == cuda_rules
     return run if same and run.world_size == world_size else None
 

@@ -1,4 +1,5 @@
-"""Cost model: predicted 8xH100 ms per training step for any configuration, next to the attention baseline's.
+"""Cost model: predicted 8xH100 ms per training step for any configuration, next to the attention baseline's, and
+the final evaluation's seconds (--eval).
 
 Three columns: default (the settings from the environment), attention (the same settings with dense causal
 attention as every block's mixer: what the conv and memory mixers buy at equal shape) and baseline (the naive
@@ -42,6 +43,14 @@ This is a model, not a measurement: a GPU step time replaces it (bench/gpu_prefl
      the attention rate. The byte rate absorbs torch.compile's fusion, which the eager byte count does not see, and
      launch overheads, so it is not a bandwidth.
 
+  5. The final evaluation (--eval), per GPU of 8: the round trip reads each validation token once; the sliding
+     window reads EVAL_SEQ_LEN tokens per EVAL_STRIDE targets; LoRA TTT reads, per step of lora_plan (the slowest
+     rank's), each chunk's window padded to its batch's longest, forward and backward (LORA_X) for TTT_EPOCHS.
+     Documents: VAL_DOCS of them, shaped
+     like the shared sample's val documents, scaled to VAL_TOKENS in all. Seconds = tokens x token_seconds x
+     eval_efficiency, which EVAL_CALIBRATION's measured sliding pass fixes (an evaluation pass ran 2.5x slower
+     than its forward work at the training step's rates), and x EAGER_X for LoRA TTT, which runs eagerly.
+
 Assumptions that could be wrong, each a named constant below:
   * MATMUL_EFFICIENCY 0.6 of bf16 peak for K = 512 matmuls; a lower value moves time from bytes to matmuls.
   * The chunk memory kernel runs at FlashAttention's calibrated rate. It is younger code: likely slower.
@@ -54,6 +63,9 @@ Assumptions that could be wrong, each a named constant below:
     per-forward weight casts (a few MB per step). So its residual stream is bf16 (fp32 from torch 2.12 on, where
     rms_norm returns fp32). Ours keeps fp32 parameters and casts the residual stream to train_gpt.body_dtype
     (BODY_DTYPE, bf16 by default; BODY_DTYPE=fp32 gives an fp32 stream).
+  * EAGER_X 2: LoRA TTT's eager passes against compiled ones; never measured. The guard (train_gpt.LoraGuard)
+    measures the real pace during the run, so a wrong EAGER_X moves where adapting stops, not the limit. The
+    val set's document lengths are the sample's shape at the real mean (the sample leans to long legal texts).
   * All-reduces are charged in full (ring time over NVLINK_BYTES_S): the fp32 gradients and Muon's bf16 updates.
     Both trainers reduce gradients through DDP, in buckets that overlap the backward, so the charge treats them
     alike and overstates both; the exposed part needs a GPU to measure.
@@ -101,7 +113,7 @@ VAL_TOKENS, VAL_DOCS = 62_021_846, 50_000  # the challenge's validation set (CHA
 EVAL_CALIBRATION = ({"NUM_LAYERS": "11", "MLP_MULT": "3"}, 1024, 64, 72.611)  # (settings over BASELINE_ENV, seq,
 # stride, seconds): records/track_10min_16mb/2026-03-19_MLP3x_QAT_Int6_SlidingWindow/train.log, final_sliding_window
 # eval_time:72611ms on 8xH100 (11 x 512 GQA 8/4 transformer, MLP 3x relu^2)
-EAGER_X = 2.0  # assumed: LoRA TTT and its global SGD run eagerly (per-sequence adapters through hooks, any shape),
+EAGER_X = 2.0  # assumed: LoRA TTT runs eagerly (per-sequence adapters through hooks, any shape),
 # at this many times the time of the same work compiled (the scoring passes compile; nothing has measured it)
 FORWARD_ONLY_PARTS = {"routing"}  # bytes of work done without gradient: no backward, counted once
 ATTENTION_ENV = CONFIGS["dense"]  # every mixer dense causal attention: the ablation's and the preflight's dense
@@ -395,20 +407,14 @@ def golf_val_stream(lengths: list[int]) -> torch.Tensor:
 
 def eval_tokens(args: Hyperparameters, stream: torch.Tensor) -> dict[str, float]:
     """Tokens one GPU of 8 reads in each pass of the final evaluation (the slowest rank's per LoRA step): forward
-    only (roundtrip, sliding) or forward + backward (ttt: LoRA TTT, phases: its global SGD), all epochs."""
+    only (roundtrip, sliding) or forward + backward (ttt: LoRA TTT, all epochs)."""
     n, seq_len = stream.numel() - 1, args.eval_len
     tokens = {"roundtrip": n / GPUS, "sliding": len(train_gpt.eval_windows(n, seq_len, args.eval_stride)) * seq_len / GPUS}
-    if args.ttt_epochs and args.ttt_mode != "lora":
-        raise FatalError(f"TTT_MODE={args.ttt_mode}: the evaluation's prediction covers LoRA TTT only")
     if args.ttt_epochs:
         batch_seqs = train_gpt.eval_batch_seqs(args)
         plan = train_gpt.lora_plan(stream, args, batch_seqs, GPUS)
         tokens["ttt"] = args.ttt_epochs * sum(max(train_gpt.batch_tokens([plan.windows[i] for i in batch]) for batch in step)
                                               for step in plan.steps)
-        scored = list(itertools.accumulate(sum((plan.docs[i][1] - plan.docs[i][0] for i in batch), 0) for step in plan.steps
-                                           for batch in [sum(step, [])]))
-        phases = train_gpt.phase_steps(args, len(plan.steps), batch_seqs * GPUS)
-        tokens["phases"] = args.ttt_epochs * sum(scored[s] for s in phases) / GPUS
     return tokens
 
 
@@ -427,9 +433,8 @@ def predict_eval(env: dict[str, str], rates: Rates, stream: torch.Tensor) -> dic
     args = Hyperparameters.from_env(env)
     work = forward_work(args, args.eval_len, None, bf16_params=False)
     factor = eval_efficiency(rates)
-    x = {"roundtrip": FORWARD_X, "sliding": FORWARD_X, "ttt": LORA_X, "phases": TRAIN_X}
-    eager = {"ttt": EAGER_X, "phases": EAGER_X}
-    seconds = {name: factor * eager.get(name, 1.0) * n * token_seconds(work, rates, x[name])
+    x = {"roundtrip": FORWARD_X, "sliding": FORWARD_X, "ttt": LORA_X}
+    seconds = {name: factor * (EAGER_X if name == "ttt" else 1.0) * n * token_seconds(work, rates, x[name])
                for name, n in eval_tokens(args, stream).items()}
     return {**seconds, "total": sum(seconds.values())}
 
@@ -487,7 +492,7 @@ def print_eval(cli: argparse.Namespace, env: dict[str, str]) -> int:
     print(f"final evaluation on 8xH100, predicted (a model, not a measurement; MAX_EVAL_SECONDS's guard is what keeps "
           f"a run inside the limit); settings: {' '.join(f'{k}={v}' for k, v in env.items()) or 'trainer defaults'}")
     print(f"evaluation passes at {eval_efficiency(rates):.2f}x their forward work's time (EVAL_CALIBRATION), LoRA TTT "
-          f"and its SGD phases {EAGER_X:g}x more (EAGER_X, eager)")
+          f"{EAGER_X:g}x more (EAGER_X, eager)")
     for name, s in seconds.items():
         print(f"  {name:10}{s:8.1f} s  {s / TIME_BUDGET_S:6.1%} of {TIME_BUDGET_S:.0f} s")
     return 0

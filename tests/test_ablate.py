@@ -58,7 +58,7 @@ def test_relative_paths_resolve_before_runs_change_directory(tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_step_budget_parallel_jobs_and_ttt_headline(smoke_data, tmp_path):
-    args = harness_args(smoke_data, tmp_path, "default,ttt", "--steps", "3", "--jobs", "2", "--env=TTT_CHUNK_TOKENS=4096")
+    args = harness_args(smoke_data, tmp_path, "default,ttt", "--steps", "3", "--jobs", "2")
     assert ablate.main(args) == 0
     text = (tmp_path / "results.md").read_text()
     assert text.startswith("# Ablation, tiny scale, 3 training steps per run") and "runs at once: 2" in text
@@ -67,7 +67,8 @@ def test_step_budget_parallel_jobs_and_ttt_headline(smoke_data, tmp_path):
     assert rows["default"][5] == rows["ttt"][5] == "3"
     logs = {p.name: p.read_text() for p in (tmp_path / "work" / "logs").glob("*.txt")}
     ttt = ablate.parse_log(logs["ttt_seed1.txt"])
-    assert ttt.ttt is not None and ttt.score == ttt.ttt != ttt.sliding and "hp ttt_epochs:3" in logs["ttt_seed1.txt"]
+    assert ttt.ttt is not None and ttt.score == ttt.ttt != ttt.sliding and "hp ttt_epochs:1" in logs["ttt_seed1.txt"]
+    assert ablate.parse_log(logs["default_seed1.txt"]).ttt is None  # the tiny scale turns TTT off
     assert float(rows["ttt"][7].split()[0]) != float(rows["ttt"][6].split()[0]) and float(rows["ttt"][8]) > 0
 
 
@@ -181,7 +182,7 @@ def test_resume_never_reuses_a_log_from_the_row_max_grid(tmp_path):
 
 
 def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_path):
-    """A log written before GPTQ, TTT_MODE and PRESET existed (a committed proxy log without those lines) is reused
+    """A log written before GPTQ, TTT_MODE (since deleted) and PRESET existed (a committed proxy log without those lines) is reused
     while those settings stay at their defaults, and not when one of them is set, or when the log names an unknown
     setting."""
     full = on_todays_grid((ROOT / "bench" / "results" / "proxy_logs" / "default_seed1.txt").read_text())
@@ -193,7 +194,11 @@ def test_resume_reads_a_setting_missing_from_an_older_log_as_its_default(tmp_pat
     env = {key.upper(): value for key, value in run.hp.items()} | {"PARALLEL_FROM": "0"}  # what it trained (below)
     assert ablate.reusable(log, env, run.world_size) is not None
     assert ablate.reusable(log, {**env, "GPTQ": "1"}, run.world_size) is None
-    assert ablate.reusable(log, {**env, "TTT_MODE": "lora"}, run.world_size) is None
+    assert ablate.reusable(log, {**env, "TTT_LORA_RANK": "4", "MAX_EVAL_SECONDS": "60"}, run.world_size) is not None  # TTT off
+    assert ablate.reusable(log, {**env, "TTT_EPOCHS": "1"}, run.world_size) is None
+    sgd_ttt = tmp_path / "sgd_ttt.txt"  # TTT on in a mode since deleted: nothing today computes that score
+    sgd_ttt.write_text(log.read_text().replace("hp ttt_epochs:0\n", "hp ttt_epochs:1\nhp ttt_mode:sgd\n"))
+    assert "hp ttt_mode:sgd" in sgd_ttt.read_text() and ablate.reusable(sgd_ttt, {**env, "TTT_EPOCHS": "1"}, run.world_size) is None
     assert ablate.reusable(log, env, run.world_size + 1) is None
     unknown = tmp_path / "unknown.txt"
     unknown.write_text("hp no_such_setting:1\n" + log.read_text())

@@ -9,12 +9,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from conftest import ROOT, TINY_ENV, run_trainer, trainer_env
+from conftest import FINEWEB_SAMPLE, NO_SHARED, ROOT, TINY_ENV, run_trainer, trainer_env
 
 sys.path.insert(0, str(ROOT / "bench"))
 import cost_model  # noqa: E402
 from convgpt_ops import chunk_routing  # noqa: E402
-from train_gpt import Hyperparameters  # noqa: E402
+from train_gpt import Hyperparameters, eval_windows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,41 @@ def test_memory_work_measured_on_a_trained_models_routing(smoke_data, tmp_path, 
     assert 1.0 <= ratio < cost_model.schedule_bound_ratio(1024, 16, 2)
     assert cost_model.main([*cli[:-4], "--routing-data", str(tmp_path)], {}) == 2
     assert f"no fineweb_val_*.bin in {tmp_path}" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def golf_stream():
+    if not FINEWEB_SAMPLE.is_dir():
+        pytest.skip(NO_SHARED)
+    return cost_model.golf_val_stream(cost_model.sample_val_lengths(FINEWEB_SAMPLE / "fineweb_val_000000.bin"))
+
+
+def test_the_evaluation_prediction_is_calibrated_and_leaves_a_quarter_of_the_limit(rates, golf_stream):
+    """The calibration record's sliding pass is predicted at its measured 72.6 s; the stand-in validation set has
+    the real document count and (within one token per document) the real token count; the default's whole final
+    evaluation leaves >= 25% of 600 s unused (issue 34), and TTT's work grows with its epochs."""
+    settings, seq_len, stride, seconds = cost_model.EVAL_CALIBRATION
+    args = Hyperparameters.from_env({**cost_model.BASELINE_ENV, **settings, "EVAL_STRIDE": str(stride)})
+    work = cost_model.forward_work(args, seq_len, None, bf16_params=True)
+    sliding = len(eval_windows(cost_model.VAL_TOKENS, seq_len, stride)) * seq_len / cost_model.GPUS
+    predicted = cost_model.eval_efficiency(rates) * sliding * cost_model.token_seconds(work, rates, cost_model.FORWARD_X)
+    assert predicted == pytest.approx(seconds, rel=1e-12) and 1 < cost_model.eval_efficiency(rates) < 10
+    assert int((golf_stream == 1).sum()) == cost_model.VAL_DOCS
+    assert abs(golf_stream.numel() - 1 - cost_model.VAL_TOKENS) <= cost_model.VAL_DOCS
+    default = cost_model.predict_eval({}, rates, golf_stream)
+    assert default["total"] <= 0.75 * cost_model.TIME_BUDGET_S and default["ttt"] > default["sliding"] > default["roundtrip"]
+    assert default["total"] == pytest.approx(sum(v for k, v in default.items() if k != "total"))
+    twice = cost_model.predict_eval({"TTT_EPOCHS": "2"}, rates, golf_stream)
+    assert twice["ttt"] == pytest.approx(2 * default["ttt"]) and twice["sliding"] == default["sliding"]
+    off = cost_model.predict_eval({"TTT_EPOCHS": "0"}, rates, golf_stream)
+    assert set(off) == {"roundtrip", "sliding", "total"}
+
+
+def test_eval_cli_prints_each_pass_and_refuses_a_missing_shard(capsys, tmp_path):
+    if not FINEWEB_SAMPLE.is_dir():
+        pytest.skip(NO_SHARED)
+    assert cost_model.main(["--eval", "--json"], {"TTT_EPOCHS": "0"}) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out["eval_seconds"]) == {"roundtrip", "sliding", "total"} and out["limit_s"] == 600
+    assert cost_model.main(["--eval", "--val-lengths", str(tmp_path / "none.bin")], {}) == 2
+    assert "--val-lengths" in capsys.readouterr().err

@@ -116,54 +116,6 @@ def test_plain_equals_sliding_at_full_stride_and_context_helps():
     assert tg.eval_val(model, tokens, luts, 128, stride=32)[0] != plain[0]
 
 
-def ttt_groups(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1)):
-    """eval_ttt on a fresh random model: 700 tokens, seq 128, stride 32, groups of 3 windows (96 targets)."""
-    from test_model import random_model
-
-    model = random_model({})
-    args = dataclasses.replace(model.args, eval_stride=32, ttt_chunk_tokens=96, ttt_epochs=epochs, ttt_lr=0.05)
-    return tg.eval_ttt(model, tokens, random_luts(1024), args, 2, *world)
-
-
-def test_ttt_scores_each_chunk_before_training_on_it():
-    """Perturbing every token after the second group's last scored target (input position 288) must leave the
-    first two groups' scores bit-identical; a TTT that trained on an unscored token would change them."""
-    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
-    loss, bpb, groups = ttt_groups(tokens, epochs=2)
-    assert len(groups) == 7 and sum(int(g[1]) for g in groups) == 699
-    changed = tokens.clone()
-    changed[289:] = torch.randint(2, 1024, (700 - 289,), dtype=torch.int32)
-    _, _, perturbed = ttt_groups(changed, epochs=2)
-    assert torch.equal(perturbed[0], groups[0]) and torch.equal(perturbed[1], groups[1])
-    assert not torch.equal(perturbed[2], groups[2])
-    no_ttt = ttt_groups(tokens, epochs=0)
-    assert torch.equal(no_ttt[2][0], groups[0]) and not torch.equal(no_ttt[2][1], groups[1])
-    from test_model import random_model
-    plain = tg.eval_val(random_model({}), tokens, random_luts(1024), 128, stride=32, batch_seqs=2)
-    assert no_ttt[0] == pytest.approx(plain[0], rel=1e-6) and no_ttt[1] == pytest.approx(plain[1], rel=1e-6)
-    assert (loss, bpb) == tg.loss_and_bpb(torch.stack(groups).sum(0))
-
-
-def test_ttt_train_reads_only_the_span_it_is_given():
-    """The training sequences of span (lo, hi) end by input position hi: tokens from hi + 1 on are never read."""
-    from test_model import random_model
-
-    model = random_model({})
-    tokens = torch.randint(2, 1024, (700,), dtype=torch.int32)
-    params = list(model.parameters())
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    seen = []
-    real_forward = model.forward
-    model.forward = lambda x, y: seen.append((x, y)) or real_forward(x, y)
-    tg.ttt_train(model, torch.optim.SGD(params, lr=0.01), params, tokens, (150, 330), 128, 2, 0, 1, epochs=1)
-    targets = torch.cat([y.flatten() for _, y in seen])
-    starts = [int(x[i, 0]) for x, _ in seen for i in range(len(x))]
-    assert all(x.shape[1] == 128 for x, _ in seen) and len(starts) == 2
-    assert torch.equal(seen[-1][1][-1], tokens[203:331].long()) and torch.equal(seen[0][1][0], tokens[151:279].long())
-    assert targets.numel() == 256
-
-
 def test_documents_score_every_target_once_and_their_windows_stay_inside():
     tokens = torch.tensor([5, 6, tg.BOS_ID, 7, 8, 9, tg.BOS_ID, 4, tg.BOS_ID], dtype=torch.int32)
     assert tg.documents(tokens) == [(0, 2), (2, 6), (6, 8)]
@@ -175,18 +127,17 @@ def test_documents_score_every_target_once_and_their_windows_stay_inside():
 LORA_DOCS = (0, 200, 450)  # BOS positions of a 700-token stream: documents of 200, 250 and 249 targets
 
 
-def lora_chunks(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1), batch: int = 2, phases: int = 0,
+def lora_chunks(tokens: torch.Tensor, epochs: int, world: tuple[int, int] = (0, 1), batch: int = 2,
                 budget: tg.EvalBudget | None = None):
-    """eval_lora_ttt on a fresh random model: seq 128, chunks of 64 targets, rank 4; phases: global SGD after each of
-    the first `phases` steps (one per document batch)."""
+    """eval_lora_ttt on a fresh random model: seq 128, chunks of 64 targets, rank 4."""
     from test_model import random_model
 
     model = random_model({})
-    args = dataclasses.replace(model.args, ttt_mode="lora", ttt_doc_chunk=64, ttt_lora_rank=4, ttt_lora_lr=0.05,
-                               ttt_epochs=epochs, ttt_phases=phases, ttt_phase_docs=phases * batch, ttt_lr=0.05)
+    args = dataclasses.replace(model.args, ttt_doc_chunk=64, ttt_lora_rank=4, ttt_lora_lr=0.05,
+                               ttt_epochs=epochs)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = tg.eval_lora_ttt(model, tokens, random_luts(1024), args, batch, *world, budget=budget)
-    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) == (phases == 0 or epochs == 0)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     assert all(m.lora is None for m in tg.block_matrices(model).values()) and all(p.requires_grad for p in model.parameters())
     return out
 
@@ -211,26 +162,6 @@ def test_lora_ttt_scores_each_chunk_before_training_on_it_and_documents_never_me
     assert loss < no_ttt[0] and (loss, bpb) == tg.loss_and_bpb(chunks.sum(0))
     halves = [lora_chunks(tokens, epochs=2, world=(r, 2))[2] for r in (0, 1)]  # batches [doc 0, doc 1], [doc 2]
     assert torch.equal(halves[0][8:], torch.zeros(4, 3, dtype=torch.float64)) and torch.equal(halves[0] + halves[1], chunks)
-
-
-def test_phased_ttt_trains_the_model_only_on_documents_already_scored():
-    """One document per step, global SGD after steps 0 and 1 (phases 2): doc 0 is scored by the artifact's weights,
-    doc 1 after SGD on doc 0, doc 2 after SGD on docs 0 and 1. Perturbing doc 2 changes none of docs 0 and 1's
-    scores; perturbing doc 1 from its third chunk on changes its own later chunks and doc 2, never doc 0 or doc 1's
-    first two chunks. The phases must matter: doc 1 scores differently with them than without."""
-    tokens = torch.randint(2, 50, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
-    tokens[list(LORA_DOCS)] = tg.BOS_ID
-    loss, bpb, chunks = lora_chunks(tokens, epochs=1, batch=1, phases=2)
-    assert int(chunks[:, 1].sum()) == 699 and (loss, bpb) == tg.loss_and_bpb(chunks.sum(0))
-    later = tokens.clone()
-    later[451:] = torch.randint(2, 1024, (249,), dtype=torch.int32)
-    assert torch.equal(lora_chunks(later, epochs=1, batch=1, phases=2)[2][:8], chunks[:8])
-    changed = tokens.clone()
-    changed[329:450] = torch.randint(2, 1024, (121,), dtype=torch.int32)
-    perturbed = lora_chunks(changed, epochs=1, batch=1, phases=2)[2]
-    assert torch.equal(perturbed[:6], chunks[:6]) and not torch.equal(perturbed[8:], chunks[8:])
-    unphased = lora_chunks(tokens, epochs=1, batch=1)[2]
-    assert torch.equal(unphased[:4], chunks[:4]) and not torch.equal(unphased[4:8], chunks[4:8])
 
 
 class SteppedBudget(tg.EvalBudget):
@@ -267,4 +198,4 @@ def test_an_unlimited_budget_changes_nothing():
     tokens = torch.randint(2, 50, (700,), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
     tokens[list(LORA_DOCS)] = tg.BOS_ID
     budget = tg.EvalBudget(1e6, torch.device("cpu"), 1e-9)
-    assert torch.equal(lora_chunks(tokens, epochs=1, phases=1, budget=budget)[2], lora_chunks(tokens, epochs=1, phases=1)[2])
+    assert torch.equal(lora_chunks(tokens, epochs=1, budget=budget)[2], lora_chunks(tokens, epochs=1)[2])

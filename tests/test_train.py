@@ -114,34 +114,33 @@ def test_two_process_gloo_matches_one_process_with_accumulation(reference_run, s
 
 
 @pytest.mark.slow
-def test_phased_ttt_on_two_ranks_matches_one(reference_run, smoke_data, tmp_path):
-    """The default TTT (LoRA per document, global SGD phases) with a phase that runs at this size: 4 documents per
-    batch, SGD after the steps that score the first 8 (one step on 2 ranks, two on 1). The sliding score is the
-    unchanged run's; 2 ranks give 1 rank's TTT score up to the phase boundary's shift."""
-    _, stdout = reference_run
-    env = trainer_env(smoke_data, tmp_path, VAL_BATCH_SIZE="2048", TTT_PHASES="1", TTT_PHASE_DOCS="8", TTT_LR="0.01")
-    one, two = run_trainer(env, tmp_path), run_trainer(env, tmp_path, nproc=2)
-    assert one.returncode == 0 and two.returncode == 0, one.stderr + two.stderr
-    assert log_values(one.stdout, "final_sliding_window_exact") == log_values(stdout, "final_sliding_window_exact")
-    assert log_values(one.stdout, "ttt_adapted") == {"steps": "15/15", "phases": "1"}
-    assert log_values(two.stdout, "ttt_adapted") == {"steps": "8/8", "phases": "1"}
-    ttt = float(log_values(one.stdout, "final_ttt_exact")["val_bpb"])
-    assert ttt != float(log_values(stdout, "final_ttt_exact")["val_bpb"])  # the phase changed the model
-    assert float(log_values(two.stdout, "final_ttt_exact")["val_bpb"]) == pytest.approx(ttt, abs=2e-2)
+def test_ttt_on_two_ranks_matches_one(reference_run, smoke_data, tmp_path):
+    """EVAL_ONLY on 2 ranks: the 4 document batches run as 2 steps of 2, and every document's score is the one
+    the single process gave it (batches pad causally, so only float rounding differs)."""
+    workdir, stdout = reference_run
+    env = trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz"))
+    two = run_trainer(env, tmp_path, nproc=2)
+    assert two.returncode == 0, two.stderr
+    assert log_values(two.stdout, "ttt_adapted") == {"steps": "2/2"}
+    one, both = (float(log_values(o, "final_ttt_exact")["val_bpb"]) for o in (stdout, two.stdout))
+    assert both == pytest.approx(one, abs=1e-6)
 
 
-def test_a_budget_too_small_for_full_ttt_stops_adapting_and_still_scores_every_target(reference_run, smoke_data, tmp_path):
+@pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=SLOW)])
+def test_a_budget_too_small_for_full_ttt_stops_adapting_and_still_scores_every_target(reference_run, smoke_data, tmp_path,
+                                                                                       nproc):
     """16 Adam steps per chunk take about 35 s here, plain scoring 2 s: with MAX_EVAL_SECONDS=15 adapting stops early,
     the evaluation ends inside the budget, and the TTT score counts the sliding window's targets and bytes (the
-    ratio val_bpb / val_loss = tokens / (bytes ln 2) is the same)."""
+    ratio val_bpb / val_loss = tokens / (bytes ln 2) is the same). On 2 ranks both stop at the same step: one that
+    adapted on alone would wait forever in the next step's all-reduce."""
     workdir, _ = reference_run
     env = trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz"), TTT_EPOCHS="16",
                       VAL_BATCH_SIZE="2048", MAX_EVAL_SECONDS="15")
-    out = run_trainer(env, tmp_path)
+    out = run_trainer(env, tmp_path, nproc=nproc, timeout=120)
     assert out.returncode == 0, out.stderr
     adapted = log_values(out.stdout, "ttt_adapted")
     done, steps = map(int, adapted["steps"].split("/"))
-    assert done < steps == 15 and adapted["budget"] == "15s" and float(adapted["stop_elapsed"].removesuffix("s")) < 15
+    assert done < steps == -(-15 // nproc) and adapted["budget"] == "15s" and float(adapted["stop_elapsed"].removesuffix("s")) < 15
     total = float(re.search(r"^final_eval_time:(\d+)ms max_eval_seconds:15$", out.stdout, re.M).group(1))
     assert total <= 15_000
     ratio = [float(v["val_bpb"]) / float(v["val_loss"]) for v in

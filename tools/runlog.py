@@ -24,9 +24,8 @@ The log is a sequence of `key:value` lines written by rank 0 (see README.md, "Ou
   final_int6_zstd_roundtrip_exact val_loss:L val_bpb:B
   final_sliding_window stride:K val_loss:L val_bpb:B eval_time:Xms
   final_sliding_window_exact stride:K val_loss:L val_bpb:B          <- the headline score
-  ttt_adapted steps:A/S ...                 (TTT_EPOCHS > 0 with MAX_EVAL_SECONDS > 0: where adapting stopped)
-  final_ttt mode:lora doc_chunk:C rank:R epochs:E phases:P val_loss:L val_bpb:B eval_time:Xms   (TTT_EPOCHS > 0;
-                                         TTT_MODE=sgd: stride:K chunk:C epochs:E instead of mode ... phases)
+  ttt_adapted steps:A/S [stop_elapsed:Es stop_need:Ns budget:Bs]   (TTT_EPOCHS > 0: A of S steps adapted, why not all)
+  final_ttt mode:lora doc_chunk:C rank:R epochs:E val_loss:L val_bpb:B eval_time:Xms   (TTT_EPOCHS > 0)
   final_ttt_exact <the same tags> val_loss:L val_bpb:B                <- the headline score when present
   final_eval_time:Xms max_eval_seconds:S  the whole final evaluation, which the 600 s evaluation limit bounds
 Other lines (launcher noise) are ignored. The trainer appends to logs/<RUN_ID>.txt, so a file that holds more than
