@@ -83,6 +83,7 @@ EVAL_MARGIN = 1.25  # LoRA TTT's guard: the rest's scoring time, predicted from 
 # short windows of the last, shortest documents run at a worse pace per token than the long ones measured first)
 EVAL_RESERVE = 0.02  # of MAX_EVAL_SECONDS kept free (12 s of 600) for the final all-reduces, the logs and jitter
 PACE_REPEATS = 4  # scoring_pace's runs of one batch
+DOC_CHUNK = 128  # LoRA TTT's default chunk, tokens (the records' 48-64 cost more updates; the proxy measured 128)
 UNMEASURED_COST = 4.0  # a LoRA step's seconds per token and epoch, in plain scoring's, until measured
 SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
 BIGRAM_HASH = (36313, 27191)  # (current, previous) token multipliers of the BigramHash record, 2026-03-20
@@ -185,7 +186,7 @@ class Hyperparameters:
     ttt_epochs: int = 1  # legal score-first LoRA TTT: Adam steps on each scored chunk of a document; 0 = off
     ttt_lora_rank: int = 8
     ttt_lora_lr: float = 0.01
-    ttt_doc_chunk: int = 128  # tokens of a document scored between two adapter updates
+    ttt_doc_chunk: int = 0  # tokens of a document scored between two adapter updates; 0 = min(128, EVAL_SEQ_LEN)
     # device
     compile: str = "auto"  # auto = on with CUDA
 
@@ -196,6 +197,10 @@ class Hyperparameters:
     @property
     def eval_len(self) -> int:
         return self.eval_seq_len or self.train_seq_len
+
+    @property
+    def doc_chunk(self) -> int:
+        return self.ttt_doc_chunk or min(DOC_CHUNK, self.eval_len)
 
     @property
     def train_seconds(self) -> float:
@@ -256,9 +261,9 @@ class Hyperparameters:
             (not self.gptq or self.max_wallclock_seconds == 0 or self.train_seconds > 0,
              f"GPTQ_RESERVE_SECONDS={self.gptq_reserve_seconds} leaves no training time in MAX_WALLCLOCK_SECONDS="
              f"{self.max_wallclock_seconds}"),
-            (self.ttt_lora_rank >= 1 and self.ttt_lora_lr > 0 and 1 <= self.ttt_doc_chunk <= self.eval_len,
+            (self.ttt_lora_rank >= 1 and self.ttt_lora_lr > 0 and 0 <= self.ttt_doc_chunk <= self.eval_len,
              f"TTT_LORA_RANK={self.ttt_lora_rank} must be >= 1, TTT_LORA_LR > 0, TTT_DOC_CHUNK={self.ttt_doc_chunk} "
-             f"in 1..{self.eval_len} (EVAL_SEQ_LEN)"),
+             f"in 0..{self.eval_len} (EVAL_SEQ_LEN; 0 = min({DOC_CHUNK}, EVAL_SEQ_LEN))"),
             (0 <= self.qat_start_frac <= 1 and 0 <= self.ema_decay < 1,
              f"QAT_START_FRAC={self.qat_start_frac} must lie in [0, 1] and EMA_DECAY={self.ema_decay} in [0, 1)"),
             (all(0 < k < math.inf for k in (self.matrix_clip_k, self.bigram_clip_k, self.embed_clip_k)),
@@ -343,15 +348,6 @@ def all_reduce(t: Tensor, op: dist.ReduceOp = dist.ReduceOp.SUM) -> Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op)
     return t
-
-
-def sync_gradients(params: list[Tensor], world_size: int) -> None:
-    """Average the gradients over the ranks in one all-reduce (TTT's small steps; training goes through DDP)."""
-    if world_size > 1:
-        grads = [p.grad for p in params]
-        flat = all_reduce(torch.cat([g.flatten() for g in grads])) / world_size
-        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
-            g.copy_(part.view_as(g))
 
 
 def data_parallel(step_model: nn.Module, d: Dist) -> nn.Module:
@@ -921,7 +917,7 @@ class LoraPlan(NamedTuple):
 
 def lora_plan(val_tokens: Tensor, args: Hyperparameters, batch_seqs: int, world_size: int) -> LoraPlan:
     """Documents longest first, batch_seqs at a time; in step s, rank r takes batch s * world_size + r."""
-    windows = [document_windows(doc, args.ttt_doc_chunk, args.eval_len) for doc in documents(val_tokens)]
+    windows = [document_windows(doc, args.doc_chunk, args.eval_len) for doc in documents(val_tokens)]
     order = sorted(range(len(windows)), key=lambda i: -len(windows[i]))
     batches = [order[i:i + batch_seqs] for i in range(0, len(order), batch_seqs)]
     steps = [[*batches[i:i + world_size], *[[]] * world_size][:world_size] for i in range(0, len(batches), world_size)]
@@ -1124,7 +1120,7 @@ def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Cal
     if args.ttt_epochs:
         loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True, budget=budget, log=log)
         a = args
-        tag = f"mode:lora doc_chunk:{a.ttt_doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs}"
+        tag = f"mode:lora doc_chunk:{a.doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs}"
         log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     log(f"final_eval_time:{1000 * (time.perf_counter() - t0):.0f}ms max_eval_seconds:{args.max_eval_seconds:g}")

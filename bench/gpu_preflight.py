@@ -168,6 +168,7 @@ def train_env(cli: argparse.Namespace, run: str, data: Path, settings: dict[str,
     env = {**os.environ, **settings, "DATA_PATH": str(data), "TOKENIZER_PATH": str(cli.tokenizer),
            "RUN_ID": f"preflight_{run}", "VAL_LOSS_EVERY": "0", "MAX_WALLCLOCK_SECONDS": str(cli.train_seconds),
            "WARMUP_STEPS": "3", "TRAIN_LOG_EVERY": "10", "PYTHONUNBUFFERED": "1"}
+    env |= {} if run == "default" else {"TTT_EPOCHS": "0"}  # TTT's GPU time is measured once, on the default
     return env | (DRY_ENV | {"WARMUP_STEPS": "1"} if cli.dry_run else {})
 
 
@@ -179,6 +180,9 @@ def train_facts(run: RunLog) -> dict[str, str]:
             "prequant bpb": f"{run.prequant.val_bpb:.4f}" if run.prequant else "-",
             "roundtrip bpb": f"{run.roundtrip.val_bpb:.4f}" if run.roundtrip else "-",
             "sliding bpb": f"{run.sliding.val_bpb:.4f}", "sliding eval s": f"{(run.sliding.eval_time_ms or 0) / 1000:.1f}",
+            "ttt bpb": f"{run.ttt.val_bpb:.4f}" if run.ttt else "-",
+            "ttt eval s": f"{(run.ttt.eval_time_ms or 0) / 1000:.1f}" if run.ttt else "-",
+            "eval total s": f"{run.eval_total_ms / 1000:.1f}" if run.eval_total_ms is not None else "-",
             "artifact bytes": f"{run.sizes.total:,}", "params": f"{run.model_params:,}"}
 
 

@@ -28,13 +28,17 @@ SP1024 = SHARED_DATA / "tokenizers" / "fineweb_1024_bpe.model"
 FINEWEB_SAMPLE = SHARED_DATA / "datasets" / "fineweb_sample_sp1024"
 NO_SHARED = f"real data absent: {SHARED_DATA} (the challenge tokenizer and FineWeb sample live in ../shared/data)"
 
-# A model small enough that a few CPU steps take about a second; grad accumulation 8 x [2, 64].
+# A model small enough that a few CPU steps take about a second; grad accumulation 8 x [2, 64]. TTT is off here
+# (a few seconds a run); the runs that stand for the default turn it on with TTT_ON.
 TINY_ENV = dict(
     NUM_LAYERS="2", MODEL_DIM="64", NUM_HEADS="1", NUM_KV_HEADS="1", MLP_MULT="2", TRAIN_SEQ_LEN="64",
     TRAIN_BATCH_TOKENS="1024", MEM_CHUNK="16", MEM_TOPK="1", ITERATIONS="6", WARMUP_STEPS="1",
     WARMDOWN_ITERS="3", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="0", VAL_BATCH_SIZE="8192", EVAL_STRIDE="32",
-    MAX_WALLCLOCK_SECONDS="0", COMPILE="0", SEED="7", BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TTT_DOC_CHUNK="32",
+    MAX_WALLCLOCK_SECONDS="0", COMPILE="0", SEED="7", BIGRAM_BUCKETS="64", BIGRAM_DIM="16", TTT_EPOCHS="0",
 )
+
+
+TTT_ON = dict(TTT_EPOCHS="1", TTT_DOC_CHUNK="32")  # the default's LoRA TTT, in chunks that fit a TINY_ENV window
 
 
 @pytest.fixture(scope="session")
@@ -67,7 +71,7 @@ def tiny_run(smoke_data: dict[str, Path], tmp_path_factory: pytest.TempPathFacto
     """One finished TINY_ENV run (EMA, QAT, export, evaluation): its artifact, log and tokenizer, for the tools that
     read artifacts (tools/sample.py, tools/export_hf.py). Routing runs: 64 tokens are 4 chunks of 16, top-1."""
     root = tmp_path_factory.mktemp("tiny_run")
-    result = run_trainer(trainer_env(smoke_data, root, RUN_ID="tiny"), root)
+    result = run_trainer(trainer_env(smoke_data, root, RUN_ID="tiny", **TTT_ON), root)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"artifact": root / "model.ptz", "log": root / "logs" / "tiny.txt", "tokenizer": smoke_data["tokenizer"]}
 

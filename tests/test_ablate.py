@@ -16,7 +16,7 @@ from bench import configs as bench_configs  # noqa: E402
 
 
 def harness_args(smoke_data, tmp_path, configs: str, *extra: str) -> list[str]:
-    overrides = [f"--env={k}={v}" for k, v in TINY_ENV.items() if k not in ("SEED", "MAX_WALLCLOCK_SECONDS")]
+    overrides = [f"--env={k}={v}" for k, v in TINY_ENV.items() if k not in ("SEED", "MAX_WALLCLOCK_SECONDS", "TTT_EPOCHS")]
     return ["--scale", "tiny", "--configs", configs, "--seeds", "1,2", "--seconds", "60", *overrides, *extra,
             "--data", str(smoke_data["data"]), "--tokenizer", str(smoke_data["tokenizer"]),
             "--work", str(tmp_path / "work"), "--out", str(tmp_path / "results.md")]

@@ -43,7 +43,8 @@ def test_defaults_and_overrides():
     ({"GPTQ": "1", "MAX_WALLCLOCK_SECONDS": "10", "GPTQ_RESERVE_SECONDS": "10"}, "GPTQ_RESERVE_SECONDS=10.0 leaves no"),
     ({"GPTQ_DAMP": "0"}, "GPTQ_DAMP > 0"),
     ({"MAX_EVAL_SECONDS": "-1"}, "TTT_EPOCHS=1 and MAX_EVAL_SECONDS=-1.0 must be >= 0"),
-    ({"TTT_DOC_CHUNK": "2000"}, "TTT_DOC_CHUNK=2000 in 1..1024"),
+    ({"TTT_DOC_CHUNK": "2000"}, "TTT_DOC_CHUNK=2000 in 0..1024"),
+    ({"TTT_DOC_CHUNK": "-1"}, "TTT_DOC_CHUNK=-1 in 0..1024"),
     ({"GPTQ_CALIB_BATCHES": "0"}, "GPTQ_CALIB_BATCHES=0"),
     ({"MATRIX_CLIP_K": "0"}, "MATRIX_CLIP_K=0.0, BIGRAM_CLIP_K=12.85 and EMBED_CLIP_K=6.0 must be finite and > 0"),
     ({"BIGRAM_CLIP_K": "-3"}, "BIGRAM_CLIP_K=-3.0"),
@@ -120,3 +121,8 @@ def test_preset_sets_defaults_that_explicit_settings_override():
     assert tg.Hyperparameters.from_env({}).vocab_size == 1024
     with pytest.raises(tg.FatalError, match="PRESET='sp4096' must be one of none, sp8192"):
         tg.Hyperparameters.from_env({"PRESET": "sp4096"})
+
+
+def test_ttt_doc_chunk_defaults_to_128_or_the_evaluation_window():
+    assert tg.Hyperparameters().doc_chunk == 128 and tg.Hyperparameters(train_seq_len=64).doc_chunk == 64
+    assert tg.Hyperparameters(train_seq_len=64, ttt_doc_chunk=32).doc_chunk == 32

@@ -108,7 +108,8 @@ def test_weights_are_the_artifacts_dequantized(exported: Path, tiny_run: dict[st
 def test_model_card(exported: Path, tiny_run: dict[str, Path]) -> None:
     card = (exported / "README.md").read_text()
     run = read_log(tiny_run["log"])
-    assert f"final_sliding_window_exact (headline) | {run.score.val_bpb:.8f}" in card
+    assert run.score is run.ttt and f"final_ttt_exact (headline) | {run.score.val_bpb:.8f}" in card
+    assert f"final_sliding_window_exact | {run.sliding.val_bpb:.8f}" in card
     assert f"| {tiny_run['artifact'].stat().st_size} |" in card and f"| {run.sizes.total} |" in card
     assert "dequantized" in card and "huggingface-cli upload" in card and "[1] + sp.encode(" in card
     assert "| NUM_LAYERS | `2` |" in card and "| MEM_CHUNK | `16` |" in card

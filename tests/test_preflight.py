@@ -183,5 +183,8 @@ def test_dry_run_writes_a_complete_report_on_cpu(tmp_path):
         assert section in text
     rows = [line for line in text.splitlines() if line.startswith(("| default |", "| dense |", "| conv1d_only |"))]
     assert len(rows) == 3 and all(float(row.split("|")[3]) > 0 for row in rows)
+    header = next(line for line in text.splitlines() if line.startswith("| config") and "ttt bpb" in line).split("|")
+    ttt = [row.split("|")[header.index(" ttt bpb ")].strip() for row in rows]
+    assert float(ttt[0]) > 0 and ttt[1:] == ["-", "-"]  # TTT's GPU time is measured on the default only
     assert [line.split(":")[0] for line in out.stdout.splitlines() if line.startswith("preflight [")] == [
         f"preflight [{i}/7] {name}" for i, name in enumerate(["env", "parity", "train", "train", "bench", "train", "aot"], 1)]

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, log_values, trainer_env
+from conftest import ROOT, TTT_ON, log_values, trainer_env
 
 from tools import check_record, make_record, plot_logs, runlog
 
@@ -26,7 +26,7 @@ NAME = "2026-11-21_TinyCPU"
 META = dict(author="Test Author", github_id="tester", blurb="Two tiny CPU runs packaged by the tests.")
 TRACK_DIR = "track_10min_16mb"
 # on top of conftest.TINY_ENV; the assertions below rely on these
-PINNED = dict(ITERATIONS="6", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", EVAL_STRIDE="32",
+PINNED = dict(ITERATIONS="6", TRAIN_LOG_EVERY="1", VAL_LOSS_EVERY="3", MAX_WALLCLOCK_SECONDS="0", EVAL_STRIDE="32", **TTT_ON,
               NUM_LAYERS="2")
 
 
