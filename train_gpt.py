@@ -83,6 +83,7 @@ EVAL_MARGIN = 1.25  # LoRA TTT's guard: the rest's scoring time, predicted from 
 # short windows of the last, shortest documents run at a worse pace per token than the long ones measured first)
 EVAL_RESERVE = 0.02  # of MAX_EVAL_SECONDS kept free (12 s of 600) for the final all-reduces, the logs and jitter
 PACE_REPEATS = 4  # scoring_pace's runs of one batch
+DELETED_TTT_SETTINGS = ("TTT_MODE", "TTT_CHUNK_TOKENS", "TTT_LR", "TTT_MOMENTUM")  # lost to LoRA TTT (issue 34)
 DOC_CHUNK = 128  # LoRA TTT's default chunk, tokens (the records' 48-64 cost more updates; the proxy measured 128)
 UNMEASURED_COST = 4.0  # a LoRA step's seconds per token and epoch, in plain scoring's, until measured
 SCHEDULE_CHECK_STEP = 5  # timed steps after which the run's length in steps is predicted (schedule_warning)
@@ -307,7 +308,9 @@ def typo_warnings(env: Mapping[str, str]) -> list[str]:
     names = [f.name.upper() for f in fields(Hyperparameters)]
     return [f"warning: env {key} is not a setting; did you mean {name}?"
             for key in sorted(env) if key not in names
-            for name in names if key.upper() == name or one_edit_apart(key.upper(), name)]
+            for name in names if key.upper() == name or one_edit_apart(key.upper(), name)] + \
+        [f"warning: env {key} was deleted and does nothing (LoRA TTT is the one TTT, issue 34)" for key in sorted(env)
+         if key in DELETED_TTT_SETTINGS]
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -899,10 +902,11 @@ def attach_lora(model: ConvGPT, n: int, rank: int, seed: int) -> list[tuple[Cast
              torch.zeros(n, m.out_features, rank, device=device, requires_grad=True)) for m in block_matrices(model).values()]
 
 
-def lora_forward(model: ConvGPT, adapters: list, val_tokens: Tensor, windows: list, luts) -> tuple[Tensor, Tensor]:
-    """Per-window sums (window_sums) and mean scored nll per window, with the first len(windows) adapters."""
+def lora_forward(model: ConvGPT, adapters: list, val_tokens: Tensor, windows: list, rows: list[int],
+                 luts) -> tuple[Tensor, Tensor]:
+    """Per-window sums (window_sums) and mean scored nll per window, window i with the adapters of row rows[i]."""
     for m, a, b in adapters:
-        m.lora = (a[:len(windows)], b[:len(windows)])
+        m.lora = (a[rows], b[rows])
     x, y, scored = window_batch(val_tokens, windows, next(model.parameters()).device)
     with autocast(x.device):
         sums = window_sums(ConvGPT.forward_logits(model, x), x, y, scored, luts)  # eager: hooks on lora, any shape
@@ -934,12 +938,12 @@ class LoraGuard:
     """MAX_EVAL_SECONDS for LoRA TTT: before each step (one batch of documents per rank), adapt only if every rank
     predicts that adapting this step and then scoring the rest without adapting still fits: elapsed + step +
     EVAL_MARGIN x rest x scoring pace <= budget. Paces are seconds per input token on this rank, measured on the
-    steps so far: scoring's on their forward passes (at first the sliding-window pass's), adapting's in all (at
+    steps so far: scoring's on their forward passes (at first scoring_pace's eager one), adapting's in all (at
     first UNMEASURED_COST x epochs x scoring's). Once a step is scored without adapting, the rest are too."""
 
     def __init__(self, budget: EvalBudget, step_tokens: list[int], epochs: int):
         self.budget, self.rest = budget, list(itertools.accumulate(step_tokens[::-1], initial=0))[::-1]
-        self.guess = {"score": 1.0, "adapt": UNMEASURED_COST * epochs}
+        self.guess = {"score": 1.0, "adapt": UNMEASURED_COST * epochs}  # times the eager scoring pace
         self.step_tokens, self.spent = step_tokens, {"score": [0.0, 0], "adapt": [0.0, 0]}
         self.stopped_at, self.why = None, ""
 
@@ -974,7 +978,7 @@ def score_lora_batch(model: ConvGPT, val_tokens: Tensor, luts, windows: list[lis
             with torch.set_grad_enabled(adapt and bool(going_on.any())):
                 for epoch in range(args.ttt_epochs if torch.is_grad_enabled() else 1):
                     t0 = time.perf_counter()
-                    chunk_sums, nll = lora_forward(model, adapters, val_tokens, [windows[i][c] for i in live], luts)
+                    chunk_sums, nll = lora_forward(model, adapters, val_tokens, [windows[i][c] for i in live], live, luts)
                     if epoch == 0:
                         sums[[rows[i] + c for i in live]] = chunk_sums.detach()
                         sync(sums.device)
@@ -1026,11 +1030,12 @@ def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor
 
 
 class EvalBudget:
-    """MAX_EVAL_SECONDS over the whole final evaluation, from the artifact's weights to the last score, and the pace
-    of plain scoring on this rank (seconds per input token: at first scoring_pace's, then the sliding pass's)."""
+    """MAX_EVAL_SECONDS over the whole final evaluation, from loading the artifact to the last score, and the pace of
+    LoRA TTT's plain scoring forward on this rank (scoring_pace's eager seconds per input token)."""
 
-    def __init__(self, seconds: float, device: torch.device, score_pace: float):
-        self.seconds, self.device, self.score_pace, self.t0 = seconds, device, score_pace, time.perf_counter()
+    def __init__(self, seconds: float, device: torch.device, score_pace: float, t0: float | None = None):
+        self.seconds, self.device, self.score_pace = seconds, device, score_pace
+        self.t0 = time.perf_counter() if t0 is None else t0
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
@@ -1046,22 +1051,25 @@ def eval_batch_seqs(args: Hyperparameters) -> int:
     return max(1, args.val_batch_size // (GLOBAL_MICROBATCHES * args.eval_len))
 
 
-def scoring_pace(model: ConvGPT, device: torch.device) -> float:
-    """Seconds per input token of plain scoring on this rank: one batch of EVAL_SEQ_LEN windows of random tokens (no
-    validation data), the fastest of PACE_REPEATS runs but the first (which may compile): a refusal must not come
-    from a slow moment."""
+def scoring_pace(model: ConvGPT, device: torch.device) -> tuple[float, float]:
+    """Seconds per input token of a plain scoring forward on this rank, through the compiled forward (the round trip's
+    and the sliding window's) and eagerly (LoRA TTT's): one batch of EVAL_SEQ_LEN windows of random tokens (no
+    validation data), the fastest of PACE_REPEATS runs but the first, which compiles: a refusal must not come from
+    a slow moment, and the compile is a warm-up, as the records' TTT warm-up is."""
     args, batch_seqs = model.args, eval_batch_seqs(model.args)
-    tokens = torch.randint(args.vocab_size, (batch_seqs * args.eval_len + 1,), generator=torch.Generator().manual_seed(args.seed))
-    windows = eval_windows(tokens.numel() - 1, args.eval_len, args.eval_len)
-    luts = (torch.ones(args.vocab_size, dtype=torch.int64), *torch.zeros(2, args.vocab_size, dtype=torch.bool))
-    seconds = []
-    for _ in range(PACE_REPEATS):
-        sync(device)
-        t0 = time.perf_counter()
-        score_windows(model, tokens, luts, windows, batch_seqs)
-        sync(device)
-        seconds.append(time.perf_counter() - t0)
-    return min(seconds[1:]) / (batch_seqs * args.eval_len)
+    x = torch.randint(args.vocab_size, (batch_seqs, args.eval_len), generator=torch.Generator().manual_seed(args.seed)).to(device)
+    paces = []
+    for forward in (model.forward_logits, lambda t: ConvGPT.forward_logits(model, t)):
+        seconds = []
+        for _ in range(PACE_REPEATS):
+            sync(device)
+            t0 = time.perf_counter()
+            with torch.no_grad(), autocast(device):
+                forward(x)
+            sync(device)
+            seconds.append(time.perf_counter() - t0)
+        paces.append(min(seconds[1:]) / x.numel())
+    return paces[0], paces[1]
 
 
 def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist) -> dict[str, int]:
@@ -1075,19 +1083,24 @@ def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist) -> dict[str
     return tokens
 
 
-def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable[[str], None]) -> float:
-    """Refuse, before anything runs, a MAX_EVAL_SECONDS that cannot fit even plain scoring of every pass. Returns
-    scoring_pace's seconds per input token."""
+class EvalPlan(NamedTuple):
+    paces: tuple[float, float]  # scoring_pace's (compiled, eager) seconds per input token on this rank
+    tokens: dict[str, int]  # plain_tokens
+
+
+def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable[[str], None]) -> EvalPlan:
+    """Refuse, before anything runs, a MAX_EVAL_SECONDS that cannot fit even plain scoring of every pass: the round
+    trip and the sliding window at the compiled pace, TTT's documents at the eager one."""
     args = model.args
-    pace = scoring_pace(model, d.device)
-    plain = pace * sum(plain_tokens(args, val_tokens, d).values())
+    plan = EvalPlan(scoring_pace(model, d.device), plain_tokens(args, val_tokens, d))
+    plain = plan.paces[0] * (plan.tokens["roundtrip"] + plan.tokens["sliding"]) + plan.paces[1] * plan.tokens.get("ttt", 0)
     log(f"eval_budget max_eval_seconds:{args.max_eval_seconds:g} plain_scoring_predicted:{plain:.1f}s "
-        f"pace:{1e9 * pace:.0f}ns_per_token")
-    if args.max_eval_seconds > 0 and not EvalBudget(args.max_eval_seconds, d.device, pace).fits(plain):
+        f"pace:{1e9 * plan.paces[0]:.0f}ns_per_token eager_pace:{1e9 * plan.paces[1]:.0f}ns_per_token")
+    if args.max_eval_seconds > 0 and not EvalBudget(args.max_eval_seconds, d.device, plan.paces[1]).fits(plain):
         raise FatalError(f"MAX_EVAL_SECONDS={args.max_eval_seconds:g} cannot fit even plain scoring: the final "
                          f"evaluation's passes need {plain:.1f} s at the measured pace, and {EVAL_RESERVE:.0%} of it is "
                          f"reserved (raise it or EVAL_STRIDE, or set TTT_EPOCHS=0)")
-    return pace
+    return plan
 
 
 def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None, ttt: bool = False,
@@ -1103,18 +1116,17 @@ def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | No
     return loss, bpb, 1000 * (time.perf_counter() - t0)
 
 
-def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None], pace: float) -> None:
-    """The round trip, the sliding window and (TTT_EPOCHS > 0) TTT, inside MAX_EVAL_SECONDS (EvalBudget)."""
+def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None], plan: EvalPlan,
+                     t0: float) -> None:
+    """The round trip, the sliding window and (TTT_EPOCHS > 0) TTT, inside MAX_EVAL_SECONDS (EvalBudget) counted from
+    t0, when the artifact's loading began."""
     args = model.args
-    budget = EvalBudget(args.max_eval_seconds, d.device, pace) if args.max_eval_seconds > 0 else None
-    t0 = time.perf_counter()
+    budget = EvalBudget(args.max_eval_seconds, d.device, plan.paces[1], t0) if args.max_eval_seconds > 0 else None
     loss, bpb, ms = evaluate(model, val_tokens, luts, d)
     log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     stride = model.args.eval_stride
     loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride)
-    if budget:
-        budget.score_pace = ms / 1000 / plain_tokens(args, val_tokens, d)["sliding"]
     log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if args.ttt_epochs:
@@ -1439,7 +1451,7 @@ def run(env: Mapping[str, str]) -> None:
     val_tokens = load_validation_tokens(args)
     log(f"val_tokens:{val_tokens.numel()}")
     model, step_model = build_model(args, d, log)
-    pace = check_eval_budget(model, val_tokens, d, log)
+    plan = check_eval_budget(model, val_tokens, d, log)
     if not args.eval_only:
         orthogonalize = torch.compile(zeropower_via_newtonschulz5) if compile_enabled(args, d.device) else zeropower_via_newtonschulz5
         optimizers = build_optimizers(model, args, orthogonalize)
@@ -1450,11 +1462,12 @@ def run(env: Mapping[str, str]) -> None:
         loss, bpb, ms = evaluate(model, val_tokens, luts, d)
         log(f"final_ema_prequant val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         export_artifact(model, d, log)
+    t0 = time.perf_counter()  # the final evaluation's clock (MAX_EVAL_SECONDS)
     bytes_model = load_artifact(model)
     if args.eval_only:
         total = bytes_model + code_bytes()
         log(f"artifact bytes_model:{bytes_model} bytes_code:{code_bytes()} bytes_total:{total} limit:{ARTIFACT_LIMIT_BYTES}")
-    final_evaluation(model, val_tokens, luts, d, log, pace)
+    final_evaluation(model, val_tokens, luts, d, log, plan, t0)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ from conftest import ROOT, trainer_env
 from tools import check_record, make_record, pack_code, runlog
 
 TIMING = re.compile(r" ?\b(train_time|step_avg|tok_s|eval_time|warmup_time|time|plain_scoring_predicted|pace|"
-                    r"final_eval_time|stop_elapsed|stop_need):\S+")
+                    r"eager_pace|final_eval_time|stop_elapsed|stop_need):\S+")
 
 
 def packed_folder(tmp_path: Path) -> Path:

@@ -183,6 +183,11 @@ def test_make_record_refuses_unfinished_log_and_duplicate_seeds(runs: dict[str, 
         make_record.package([unfinished, runs["log8"]], **kw)
     with pytest.raises(make_record.RecordError, match="seeds must be distinct"):
         make_record.package([runs["log7"], runs["log7"]], **kw)
+    untimed = tmp_path / "untimed" / "seed7.txt"
+    untimed.parent.mkdir()
+    untimed.write_text(re.sub(r"^final_eval_time:.*\n", "", text, flags=re.M))
+    with pytest.raises(make_record.RecordError, match="the final evaluation is not logged .no final_eval_time line."):
+        make_record.package([untimed, runs["log8"]], **kw)
     assert not (tmp_path / "records").exists() or not any((tmp_path / "records").rglob("*.log"))
 
 

@@ -65,7 +65,7 @@ NEEDED = {
                        "causal_gather_conv_ref", "conv_taps_inverse", "gated_gather_conv_ref", "memory_is_dense",
                        "chunk_picks", "chunk_routing", "chunk_memory_mask", "chunk_memory_ref"),
     "train_gpt.py": ("BOS_ID", "GLOBAL_MICROBATCHES", "TIED_EMBED_INIT_STD", "QK_GAIN_INIT", "SMEAR_INIT",
-                     "LEAKY_SLOPE", "BIGRAM_HASH", "BIGRAM_SCALE_INIT", "PRESETS", "CHOICES",
+                     "LEAKY_SLOPE", "DOC_CHUNK", "BIGRAM_HASH", "BIGRAM_SCALE_INIT", "PRESETS", "CHOICES",
                      "FatalError", "Hyperparameters", "parse_value", "rms_norm", "CastedLinear", "apply_rotary",
                      "TapTable", "ConvMix", "ChunkMemory", "MLP", "Block", "BigramHash", "ConvGPT"),
 }
