@@ -131,13 +131,13 @@ def test_ttt_on_two_ranks_matches_one(reference_run, smoke_data, tmp_path):
 @pytest.mark.parametrize("nproc", [1, pytest.param(2, marks=SLOW)])
 def test_a_budget_too_small_for_full_ttt_stops_adapting_and_still_scores_every_target(reference_run, smoke_data, tmp_path,
                                                                                        nproc):
-    """16 Adam steps per chunk take about 35 s here, plain scoring 2 s: with MAX_EVAL_SECONDS=15 adapting stops early,
-    the evaluation ends inside the budget, and the TTT score counts the sliding window's targets and bytes (the
-    ratio val_bpb / val_loss = tokens / (bytes ln 2) is the same). On 2 ranks both stop at the same step: one that
-    adapted on alone would wait forever in the next step's all-reduce."""
+    """16 Adam steps per chunk (32 on 2 ranks, which halve the work) take about 35 s here, plain scoring 2 s: with
+    MAX_EVAL_SECONDS=15 adapting stops early, the evaluation ends inside the budget, and the TTT score counts the
+    sliding window's targets and bytes (the ratio val_bpb / val_loss = tokens / (bytes ln 2) is the same). On 2
+    ranks both stop at the same step: one that adapted on alone would wait forever in the next step's all-reduce."""
     workdir, _ = reference_run
     env = trainer_env(smoke_data, tmp_path, EVAL_ONLY="1", ARTIFACT_PATH=str(workdir / "model.ptz"),
-                      **{**TTT_ON, "TTT_EPOCHS": "16"}, VAL_BATCH_SIZE="2048", MAX_EVAL_SECONDS="15")
+                      **{**TTT_ON, "TTT_EPOCHS": str(16 * nproc)}, VAL_BATCH_SIZE="2048", MAX_EVAL_SECONDS="15")
     out = run_trainer(env, tmp_path, nproc=nproc, timeout=120)
     assert out.returncode == 0, out.stderr
     adapted = log_values(out.stdout, "ttt_adapted")
