@@ -994,15 +994,15 @@ def score_lora_batch(model: ConvGPT, val_tokens: Tensor, luts, windows: list[lis
 
 def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor, Tensor], args: Hyperparameters,
                   batch_seqs: int, rank: int = 0, world_size: int = 1, budget: EvalBudget | None = None,
-                  log: Callable[[str], None] | None = None) -> tuple[float, float, Tensor]:
+                  log: Callable[[str], None] | None = None, plan: LoraPlan | None = None) -> tuple[float, float, Tensor]:
     """Legal per-document LoRA TTT: each document is scored in TTT_DOC_CHUNK-token chunks, left to right, with at
     most EVAL_SEQ_LEN tokens of its own context; after a chunk is scored, rank-TTT_LORA_RANK adapters on the block
     matrices take TTT_EPOCHS Adam steps on that chunk's targets. Every document starts from fresh adapters, so no
     token is trained on before it is scored and no document sees another; the model's weights do not change.
-    Documents run as lora_plan orders them. With a budget, adapting stops where LoraGuard says, and the rest is
+    Documents run as lora_plan orders them (plan: one built before). With a budget, adapting stops where LoraGuard says, and the rest is
     scored by the plain model. Returns (val_loss, val_bpb, the all-reduced [nll, targets, bytes] of every chunk,
     documents in order)."""
-    windows, first, steps = lora_plan(val_tokens, args, batch_seqs, world_size)
+    windows, first, steps = plan or lora_plan(val_tokens, args, batch_seqs, world_size)
     guard = LoraGuard(budget, [batch_tokens([windows[i] for i in step[rank]]) for step in steps], args.ttt_epochs) if budget else None
     sums = torch.zeros(first[-1], 3, dtype=torch.float64, device=next(model.parameters()).device)
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -1072,31 +1072,35 @@ def scoring_pace(model: ConvGPT, device: torch.device) -> tuple[float, float]:
     return paces[0], paces[1]
 
 
-def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist) -> dict[str, int]:
+def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist, lora: LoraPlan | None) -> dict[str, int]:
     """Input tokens this rank reads in each pass of the final evaluation when nothing adapts."""
     n, seq_len = val_tokens.numel() - 1, args.eval_len
     tokens = {name: sum(end - start for start, end, _ in shard(eval_windows(n, seq_len, stride), d.rank, d.world_size))
               for name, stride in (("roundtrip", seq_len), ("sliding", args.eval_stride))}
-    if args.ttt_epochs:
-        plan = lora_plan(val_tokens, args, eval_batch_seqs(args), d.world_size)
-        tokens["ttt"] = sum(batch_tokens([plan.windows[i] for i in step[d.rank]]) for step in plan.steps)
+    if lora:
+        tokens["ttt"] = sum(batch_tokens([lora.windows[i] for i in step[d.rank]]) for step in lora.steps)
     return tokens
 
 
 class EvalPlan(NamedTuple):
     paces: tuple[float, float]  # scoring_pace's (compiled, eager) seconds per input token on this rank
     tokens: dict[str, int]  # plain_tokens
+    lora: LoraPlan | None  # TTT's documents in batches (TTT_EPOCHS > 0), built here, outside the clock
 
 
-def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable[[str], None]) -> EvalPlan:
+def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable[[str], None]) -> EvalPlan | None:
     """Refuse, before anything runs, a MAX_EVAL_SECONDS that cannot fit even plain scoring of every pass: the round
-    trip and the sliding window at the compiled pace, TTT's documents at the eager one."""
+    trip and the sliding window at the compiled pace, TTT's documents at the eager one. MAX_EVAL_SECONDS=0: no
+    budget, nothing measured (None)."""
     args = model.args
-    plan = EvalPlan(scoring_pace(model, d.device), plain_tokens(args, val_tokens, d))
+    if args.max_eval_seconds <= 0:
+        return None
+    lora = lora_plan(val_tokens, args, eval_batch_seqs(args), d.world_size) if args.ttt_epochs else None
+    plan = EvalPlan(scoring_pace(model, d.device), plain_tokens(args, val_tokens, d, lora), lora)
     plain = plan.paces[0] * (plan.tokens["roundtrip"] + plan.tokens["sliding"]) + plan.paces[1] * plan.tokens.get("ttt", 0)
     log(f"eval_budget max_eval_seconds:{args.max_eval_seconds:g} plain_scoring_predicted:{plain:.1f}s "
         f"pace:{1e9 * plan.paces[0]:.0f}ns_per_token eager_pace:{1e9 * plan.paces[1]:.0f}ns_per_token")
-    if args.max_eval_seconds > 0 and not EvalBudget(args.max_eval_seconds, d.device, plan.paces[1]).fits(plain):
+    if not EvalBudget(args.max_eval_seconds, d.device, plan.paces[1]).fits(plain):
         raise FatalError(f"MAX_EVAL_SECONDS={args.max_eval_seconds:g} cannot fit even plain scoring: the final "
                          f"evaluation's passes need {plain:.1f} s at the measured pace, and {EVAL_RESERVE:.0%} of it is "
                          f"reserved (raise it or EVAL_STRIDE, or set TTT_EPOCHS=0)")
@@ -1104,24 +1108,25 @@ def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable
 
 
 def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None, ttt: bool = False,
-             budget: EvalBudget | None = None, log: Callable[[str], None] | None = None) -> tuple[float, float, float]:
+             budget: EvalBudget | None = None, log: Callable[[str], None] | None = None,
+             lora: LoraPlan | None = None) -> tuple[float, float, float]:
     """eval_val (or TTT) at EVAL_SEQ_LEN with this run's batch size and rank split: (val_loss, val_bpb, eval_ms)."""
     args = model.args
     t0 = time.perf_counter()
     batch_seqs = eval_batch_seqs(args)
     if ttt:
-        loss, bpb, _ = eval_lora_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size, budget, log)
+        loss, bpb, _ = eval_lora_ttt(model, val_tokens, luts, args, batch_seqs, d.rank, d.world_size, budget, log, lora)
     else:
         loss, bpb = eval_val(model, val_tokens, luts, args.eval_len, stride, batch_seqs, d.rank, d.world_size)
     return loss, bpb, 1000 * (time.perf_counter() - t0)
 
 
-def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None], plan: EvalPlan,
-                     t0: float) -> None:
-    """The round trip, the sliding window and (TTT_EPOCHS > 0) TTT, inside MAX_EVAL_SECONDS (EvalBudget) counted from
-    t0, when the artifact's loading began."""
+def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None],
+                     plan: EvalPlan | None, t0: float) -> None:
+    """The round trip, the sliding window and (TTT_EPOCHS > 0) TTT, inside MAX_EVAL_SECONDS (EvalBudget, when plan
+    holds its paces) counted from t0, when the artifact's loading began."""
     args = model.args
-    budget = EvalBudget(args.max_eval_seconds, d.device, plan.paces[1], t0) if args.max_eval_seconds > 0 else None
+    budget = EvalBudget(args.max_eval_seconds, d.device, plan.paces[1], t0) if plan else None
     loss, bpb, ms = evaluate(model, val_tokens, luts, d)
     log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
@@ -1130,9 +1135,9 @@ def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Cal
     log(f"final_sliding_window stride:{stride} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_sliding_window_exact stride:{stride} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     if args.ttt_epochs:
-        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True, budget=budget, log=log)
-        a = args
-        tag = f"mode:lora doc_chunk:{a.doc_chunk} rank:{a.ttt_lora_rank} epochs:{a.ttt_epochs}"
+        loss, bpb, ms = evaluate(model, val_tokens, luts, d, stride, ttt=True, budget=budget, log=log,
+                                 lora=plan.lora if plan else None)
+        tag = f"mode:lora doc_chunk:{args.doc_chunk} rank:{args.ttt_lora_rank} epochs:{args.ttt_epochs}"
         log(f"final_ttt {tag} val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
         log(f"final_ttt_exact {tag} val_loss:{loss:.8f} val_bpb:{bpb:.8f}")
     log(f"final_eval_time:{1000 * (time.perf_counter() - t0):.0f}ms max_eval_seconds:{args.max_eval_seconds:g}")

@@ -6,6 +6,8 @@ Runbook
                                               # T 1024 and 2048; the gather conv in bf16 and fp32, the memory in bf16
   python bench/kernel_resources.py --sweep    # also every (chunk, head dim) pair check_memory_sizes admits, and the
                                               # refused ones of the same grid (they must not fit)
+  python bench/kernel_resources.py --boundary # only the grid's largest admitted and smallest refused pairs: a tile's
+                                              # resources grow with both sizes, so these decide the sweep
   python bench/kernel_resources.py --json     # one JSON list of rows instead of the table
 
 How it works: convgpt_ops's own launch functions run on CPU tensors with a stand-in Triton driver whose target is
@@ -156,33 +158,54 @@ def memory_case(T: int, dtype: torch.dtype, head_dim: int, chunk: int,
     return launch
 
 
-def cases(sweep: bool) -> Iterator[tuple[str, bool, Callable[[], None]]]:
-    """(case name, admitted by check_memory_sizes, launcher) for every shape to compile."""
+def admitted(chunk: int, head_dim: int) -> bool:
+    try:
+        ops.check_memory_sizes(chunk, head_dim)
+    except ValueError:
+        return False
+    return True
+
+
+def boundary(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The admitted pairs that no other admitted pair exceeds in both sizes, and the refused ones that no other
+    refused pair is below: a tile's registers and shared memory grow with its chunk and its head dim, so if these
+    fit (and these do not), so do (nor do) the rest of the grid."""
+    def dominated(a: tuple[int, int], b: tuple[int, int]) -> bool:
+        return a != b and a[0] <= b[0] and a[1] <= b[1]
+    yes = [p for p in pairs if admitted(*p)]
+    no = [p for p in pairs if not admitted(*p)]
+    return ([p for p in yes if not any(dominated(p, q) for q in yes)] +
+            [p for p in no if not any(dominated(q, p) for q in no)])
+
+
+def cases(mode: str) -> Iterator[tuple[str, bool, Callable[[], None]]]:
+    """(case name, admitted by check_memory_sizes, launcher) for every shape to compile: the default shapes, then
+    with mode "sweep" every (chunk, head dim) pair of the grid; mode "boundary": only the grid's boundary pairs."""
     heads = f"H={HP.num_heads}/{HP.num_kv_heads}"
-    for T in (HP.train_seq_len, 2 * HP.train_seq_len):
-        for dtype in (torch.bfloat16, torch.float32):
-            yield f"gather T={T} C={HP.model_dim} {str(dtype)[6:]}", True, gather_case(T, dtype)
-        yield f"memory T={T} {heads} D={HP.head_dim} chunk={HP.mem_chunk} bfloat16", True, memory_case(
-            T, torch.bfloat16, HP.head_dim, HP.mem_chunk)
-    for kv_heads in GQA_KV_HEADS:  # the backward unrolls its loop over a kv head's G query heads: G = 1, 4 and 8
-        yield f"memory T={HP.train_seq_len} H={HP.num_heads}/{kv_heads} D={HP.head_dim} chunk={HP.mem_chunk} bfloat16", \
-            True, memory_case(HP.train_seq_len, torch.bfloat16, HP.head_dim, HP.mem_chunk, (HP.num_heads, kv_heads))
-    if not sweep:
+    if mode != "boundary":
+        for T in (HP.train_seq_len, 2 * HP.train_seq_len):
+            for dtype in (torch.bfloat16, torch.float32):
+                yield f"gather T={T} C={HP.model_dim} {str(dtype)[6:]}", True, gather_case(T, dtype)
+            yield f"memory T={T} {heads} D={HP.head_dim} chunk={HP.mem_chunk} bfloat16", True, memory_case(
+                T, torch.bfloat16, HP.head_dim, HP.mem_chunk)
+        for kv_heads in GQA_KV_HEADS:  # the backward unrolls its loop over a kv head's G query heads: G = 1, 4 and 8
+            yield f"memory T={HP.train_seq_len} H={HP.num_heads}/{kv_heads} D={HP.head_dim} chunk={HP.mem_chunk} " \
+                  "bfloat16", True, memory_case(HP.train_seq_len, torch.bfloat16, HP.head_dim, HP.mem_chunk,
+                                                (HP.num_heads, kv_heads))
+    if mode == "default":
         return
-    for chunk in POW2:
-        for head_dim in POW2[:4]:
-            try:
-                ops.check_memory_sizes(chunk, head_dim)
-                admitted = True
-            except ValueError:
-                admitted = False
-            yield f"memory {heads} D={head_dim} chunk={chunk} bfloat16", admitted, memory_case(
-                4 * chunk, torch.bfloat16, head_dim, chunk)
+    grid = [(chunk, head_dim) for chunk in POW2 for head_dim in POW2[:4]]
+    for chunk, head_dim in grid if mode == "sweep" else boundary(grid):
+        yield f"memory {heads} D={head_dim} chunk={chunk} bfloat16", admitted(chunk, head_dim), memory_case(
+            4 * chunk, torch.bfloat16, head_dim, chunk)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sweep", action="store_true", help="every (chunk, head dim) pair, admitted or refused")
+    modes = parser.add_mutually_exclusive_group()
+    modes.add_argument("--sweep", action="store_true", help="every (chunk, head dim) pair, admitted or refused")
+    modes.add_argument("--boundary", action="store_true", help="only the grid's largest admitted and smallest refused "
+                                                               "pairs (no default shapes): what decides the sweep")
     parser.add_argument("--json", action="store_true", help="print one JSON list of rows")
     cli = parser.parse_args()
     rows = []
@@ -190,11 +213,11 @@ def main() -> None:
         print(f"target:cuda sm_{TARGET.arch} torch:{torch.__version__} triton:{triton.__version__} (ahead of time, no GPU)")
         print(f"{'case':<44} {'kernel':<28} {'warps':>5} {'regs':>4} {'spill':>6} {'stack':>6} {'shared':>7} "
               f"{'blk/SM':>6} {'mma':>5} {'admitted':>8} {'fits':>4}")
-    for name, admitted, launch in cases(cli.sweep):
+    for name, admit, launch in cases("sweep" if cli.sweep else "boundary" if cli.boundary else "default"):
         with recording() as specs:
             launch()
         for spec in specs:
-            row = dict(case=name, admitted=admitted, **compile_spec(spec))
+            row = dict(case=name, admitted=admit, **compile_spec(spec))
             rows.append(row)
             if not cli.json:
                 if "error" in row:
@@ -202,7 +225,7 @@ def main() -> None:
                     continue
                 print(f"{name:<44} {row['kernel']:<28} {row['num_warps']:>5} {row['registers']:>4} "
                       f"{row['spill_bytes']:>6} {row['stack_bytes']:>6} {row['shared_bytes']:>7} {row['blocks_per_sm']:>6} "
-                      f"{row['mma']:>5} {'yes' if admitted else 'no':>8} {'yes' if row['fits'] else 'NO':>4}", flush=True)
+                      f"{row['mma']:>5} {'yes' if admit else 'no':>8} {'yes' if row['fits'] else 'NO':>4}", flush=True)
     if cli.json:
         print(json.dumps(rows, indent=1))
 

@@ -92,6 +92,7 @@ def test_config_holds_every_setting_typed(exported: Path, tiny_run: dict[str, Pa
     assert not any(str(path) in (exported / "config.json").read_text() + (exported / "README.md").read_text()
                    for path in local.values())  # this machine's paths stay private
     assert config["vocab_size"] == 1024 and config["bos_token_id"] == 1
+    assert config["max_position_embeddings"] == 64  # the longest sequence, which vLLM reads as its max_model_len
     generation = json.loads((exported / "generation_config.json").read_text())
     assert (generation["bos_token_id"], generation["eos_token_id"], generation["pad_token_id"]) == (1, 1, 1)
 

@@ -12,7 +12,8 @@ trainer's train_gpt.py and convgpt_ops.py: the model's math is the trainer's own
   * No padding: the rows of a batch are prompts of one length (an attention_mask with a 0 is refused).
   * Decoding cache: ConvGPTCache holds ConvGPT.forward_logits's own cache (the token ids, and per block the conv
     inputs or the memory's keys and values). forward() makes one when use_cache is on and returns it as
-    output.cache; generate() hands it back with only the newest token, so each new token costs one position.
+    output.cache (output.past_key_values before transformers 5.20); generate() hands it back with only the newest
+    token, so each new token costs one position.
     Greedy and sampling only (beam search would have to reorder the cache).
 """
 
@@ -42,7 +43,8 @@ def triton_only(name: str):
 
 
 class ConvGPTConfig(PretrainedConfig):
-    """Every field of the trainer's Hyperparameters (its name, its value's type), the special tokens, use_cache."""
+    """Every field of the trainer's Hyperparameters (its name, its value's type), the special tokens, use_cache, and
+    max_position_embeddings (the longest sequence: servers such as vLLM read it)."""
 
     model_type = "convgpt"
 
@@ -54,6 +56,7 @@ class ConvGPTConfig(PretrainedConfig):
             setattr(self, name, value)
         self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
         self.use_cache = use_cache
+        self.max_position_embeddings = Hyperparameters(**settings).max_seq_len  # the longest sequence, for vLLM
 
     def hyperparameters(self) -> Hyperparameters:
         args = Hyperparameters(**{f.name: getattr(self, f.name) for f in fields(Hyperparameters)})
@@ -61,9 +64,13 @@ class ConvGPTConfig(PretrainedConfig):
         return args
 
 
+# The output field generate() takes the cache from: `cache` from transformers 5.20, `past_key_values` before
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 class ConvGPTCache:
     """ConvGPT.forward_logits's decoding cache (a dict it fills), for generate(). Not a transformers Cache: the model
-    declines DynamicCache (_supports_default_dynamic_cache), so generate() takes this one from output.cache."""
+    declines DynamicCache (_supports_default_dynamic_cache), so generate() takes this one from the output (CACHE_FIELD)."""
 
     is_compileable = False
     is_croppable = False
@@ -114,9 +121,10 @@ class ConvGPTForCausalLM(PreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, cache: ConvGPTCache | None = None,
                 use_cache: bool | None = None, labels: Tensor | None = None, return_dict: bool | None = None,
-                **kwargs) -> CausalLMOutputWithPast | tuple:
+                past_key_values: ConvGPTCache | None = None, **kwargs) -> CausalLMOutputWithPast | tuple:
         """fp32 tanh-softcapped logits [B, T, V] of input_ids, which continue the cache's tokens when a cache is given.
         With labels (input_ids, shifted here; -100 ignored): the mean next-token cross-entropy as loss."""
+        cache = past_key_values if cache is None else cache  # transformers < 5.20 names it past_key_values
         if attention_mask is not None and not bool(attention_mask.all()):
             raise ValueError("ConvGPT has no padding: attention_mask must be all ones (batch prompts of one length)")
         if cache is not None and not isinstance(cache, ConvGPTCache):
@@ -127,5 +135,5 @@ class ConvGPTForCausalLM(PreTrainedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
-        output = CausalLMOutputWithPast(loss=loss, logits=logits, cache=cache)
+        output = CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
         return output.to_tuple() if return_dict is False else output
