@@ -28,8 +28,8 @@ from tools import export_hf, sample
 
 pytestmark = pytest.mark.slow
 MAX_SEQ = 64  # TINY_ENV's longest sequence: the engine's max_model_len
-BUDGET = 16  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
-MAX_SEQS = 3  # max_num_seqs: 5 prompts queue and join the running batch as others finish
+BUDGET = 32  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
+MAX_SEQS = 2  # max_num_seqs: 5 prompts queue and join the running batch as others finish
 PROMPT_LENS = (1, 5, 17, 33, 47)  # mixed; 47 crosses the memory chunks at 16 and 32 and fills 2 pages of 16
 NEW = 24  # greedy tokens per prompt (fewer where the prompt leaves less room)
 SHARED = 40  # the prefix-cache prompt repeats the 47-token prompt's first 40 tokens: 2 full pages are reused
@@ -62,12 +62,16 @@ def main():
                             enable_prefix_caching=True, block_size=16, enforce_eager=True,
                             kv_cache_memory_bytes=1 << 26))
     llm.apply_model(record)
-    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n)
+    greedy = lambda n: SamplingParams(temperature=0, max_tokens=n, logprobs=0)
+    out = lambda o: {"tokens": list(o.outputs[0].token_ids), "cached": o.num_cached_tokens,
+                     "logprobs": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
     prompts = [TokensPrompt(prompt_token_ids=p) for p in probe["prompts"]]
     outs = llm.generate(prompts, [greedy(min(probe["new"], probe["max_seq"] - len(p))) for p in probe["prompts"]])
-    result = {"greedy": [list(o.outputs[0].token_ids) for o in outs], "steps": list(steps)}
-    shared = llm.generate([TokensPrompt(prompt_token_ids=probe["shared"])], greedy(16))[0]
-    result["shared"] = {"tokens": list(shared.outputs[0].token_ids), "cached": shared.num_cached_tokens}
+    result = {"greedy": [out(o) for o in outs], "steps": list(steps)}
+    result["shared"] = out(llm.generate([TokensPrompt(prompt_token_ids=probe["shared"])], greedy(16))[0])
+    before = len(steps)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in probe["same_step"]], [greedy(1), greedy(16), greedy(16)])
+    result["same_step"] = {"outs": [out(o) for o in outs], "steps": steps[before:before + 2]}
     forced = llm.generate([TokensPrompt(prompt_token_ids=s) for s in probe["forced"]],
                           SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=0))
     result["logprobs"] = [[d[t].logprob for d, t in zip(o.prompt_logprobs[1:], s[1:])]
@@ -120,8 +124,9 @@ def probe() -> dict:
     seq = lambda n: [1] + torch.randint(2, 1024, (n - 1,), generator=generator).tolist()
     prompts = [seq(n) for n in PROMPT_LENS]
     shared = prompts[-1][:SHARED] + seq(4)[1:]
+    fresh = seq(PROMPT_LENS[-1])
     return {"prompts": prompts, "shared": shared, "forced": [seq(n) for n in LOGPROB_LENS], "max_seq": MAX_SEQ,
-            "new": NEW}
+            "new": NEW, "same_step": [[1], fresh, fresh[:SHARED] + seq(4)[1:]]}
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +146,17 @@ def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
         return sample.generate(model, torch.tensor([prompt]), n, 0.0)[0].tolist()
 
 
+def assert_decoded(model, prompt: list[int], got: dict) -> None:
+    """vLLM's greedy tokens are tools/sample.py's, and each token's logprob is the full forward's (teacher-forced on
+    prompt + tokens): continuous values, so a wrong row anywhere in the state shows, not only a changed argmax."""
+    assert got["tokens"] == reference_greedy(model, prompt, len(got["tokens"])), len(prompt)
+    full = torch.tensor([prompt + got["tokens"]])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model.forward_logits(full[:, :-1])[0, len(prompt) - 1:], -1)
+    want = logprobs[torch.arange(len(got["tokens"])), full[0, len(prompt):]]
+    assert (torch.tensor(got["logprobs"]) - want).abs().max() <= LOGPROB_ATOL, len(prompt)
+
+
 def test_teacher_forced_logprobs_equal_the_hf_folders(engine: dict, probe: dict, folder: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -157,17 +173,29 @@ def test_teacher_forced_logprobs_equal_the_hf_folders(engine: dict, probe: dict,
 def test_greedy_tokens_equal_tools_sample_with_batching_and_chunked_prefill(engine: dict, probe: dict,
                                                                              trainer_model) -> None:
     for prompt, got in zip(probe["prompts"], engine["greedy"]):
-        assert got == reference_greedy(trainer_model, prompt, len(got)), len(prompt)
-    assert [len(g) for g in engine["greedy"]] == [min(NEW, MAX_SEQ - n) for n in PROMPT_LENS]  # none stopped early
+        assert_decoded(trainer_model, prompt, got)
+    assert [len(g["tokens"]) for g in engine["greedy"]] == [min(NEW, MAX_SEQ - n) for n in PROMPT_LENS]  # none stopped
     tokens, requests = zip(*engine["steps"])
     assert max(tokens) <= BUDGET and max(requests) == MAX_SEQS  # chunked prefill, continuous batching
-    assert sum(tokens) == sum(map(len, probe["prompts"])) + sum(map(len, engine["greedy"])) - len(probe["prompts"])
+    assert sum(tokens) == sum(map(len, probe["prompts"])) + sum(len(g["tokens"]) for g in engine["greedy"]) - len(
+        probe["prompts"])
 
 
 def test_prefix_cache_hit_gives_the_same_tokens(engine: dict, probe: dict, trainer_model) -> None:
-    shared = engine["shared"]
-    assert shared["cached"] == 32  # the 47-token prompt's two full pages, read back from the paged state
-    assert shared["tokens"] == reference_greedy(trainer_model, probe["shared"], 16)
+    assert engine["shared"]["cached"] == 32  # the 47-token prompt's two full pages, read back from the paged state
+    assert_decoded(trainer_model, probe["shared"], engine["shared"])
+
+
+def test_a_prefix_hit_on_pages_filled_in_the_same_step_reads_them_after_they_are_written(engine: dict, probe: dict,
+                                                                                         trainer_model) -> None:
+    """A 1-token request finishes after step 1 and frees the batch's first slot; in step 2 the 47-token prompt's last
+    chunk fills its second page, which vLLM marks cached at once, and the request sharing its first 40 tokens takes
+    that slot with a 32-token hit: it sits before its writer in the batch (writers_first orders them)."""
+    same = engine["same_step"]
+    assert same["steps"] == [[BUDGET, 2], [16 + 11, 2]]  # step 2: the writer's last 16 tokens and the reader's 11
+    assert [o["cached"] for o in same["outs"]] == [0, 0, 32]
+    for prompt, got in zip(probe["same_step"], same["outs"]):
+        assert_decoded(trainer_model, prompt, got)
 
 
 def test_prompt_longer_than_the_model_is_one_clear_line(engine: dict) -> None:
@@ -216,7 +244,8 @@ def test_openai_server_answers_a_completion(folder: Path, tiny_run: dict[str, Pa
         prompt = [1, *sp.encode("The history of")]
         want = reference_greedy(trainer_model, prompt, 8)
         assert body["usage"]["prompt_tokens"] == len(prompt)
-        assert body["choices"][0]["text"] == sp.decode(want[:len(want) - (want[-1] == 1)])
+        new = want[:len(want) - (want[-1] == 1)]  # a BOS ends the document; the text omits it
+        assert body["choices"][0]["text"] == sp.decode(prompt + new)[len(sp.decode(prompt)):]  # as vLLM detokenizes
         status, body = post(url, {"model": "convgpt", "prompt": "word " * MAX_SEQ, "max_tokens": 1})
         assert status == 400 and f"maximum context length is {MAX_SEQ} tokens" in body["error"]["message"], body
     finally:
@@ -250,3 +279,5 @@ def test_plugin_is_pinned_to_one_vllm_release() -> None:
                        if line.startswith("vllm"))
     assert requirement.endswith(f"=={VLLM_VERSION}")
     assert importlib.metadata.version(requirement.split("==")[0]) == VLLM_VERSION
+    import vllm
+    assert vllm.__version__ == VLLM_VERSION

@@ -166,6 +166,23 @@ def join_rows(entry: dict[str, Tensor], n: int) -> Tensor:
     return kv.transpose(0, 1).reshape(n, -1)
 
 
+def writers_first(spans: list[tuple]) -> list[tuple]:
+    """The step's requests (start, end, earlier slots, new slots) in an order where none reads a row that another
+    writes later in this step. vLLM can give a request a prefix-cache hit on pages that a request earlier in the
+    queue fills in this same step (they are marked cached when allocated); attention survives that because every
+    layer writes all tokens before it reads, but here each request runs whole, one after the other."""
+    pending, order = list(spans), []
+    while pending:
+        for i, span in enumerate(pending):
+            others = [s[3] for j, s in enumerate(pending) if j != i]
+            if not others or not torch.isin(span[2], torch.cat(others)).any():
+                order.append(pending.pop(i))
+                break
+        else:
+            raise RuntimeError("ConvGPT's requests in this step read each other's new rows: no order serves them")
+    return order
+
+
 class ConvGPTvLLM(nn.Module):
     """vLLM's model interface around the exported ConvGPT; forward returns the logits, compute_logits passes them on."""
 
@@ -188,31 +205,35 @@ class ConvGPTvLLM(nn.Module):
     def forward(self, input_ids: Tensor, positions: Tensor, intermediate_tensors=None,
                 inputs_embeds: Tensor | None = None, **kwargs) -> Tensor:
         metadata = get_forward_context().attn_metadata
-        logits = torch.zeros(input_ids.shape[0], self.model.args.vocab_size)
+        logits = torch.zeros(input_ids.shape[0], self.model.args.vocab_size, device=input_ids.device)
         if not isinstance(metadata, dict) or self.states[0].kv_cache.numel() == 0:
             return logits  # vLLM's profiling run, before the pages exist
         m = metadata[self.states[0].name]
         starts = m.query_start_loc.tolist()
-        for r, (start, end) in enumerate(zip(starts[:-1], starts[1:])):
-            logits[start:end] = self.request(input_ids[start:end], int(positions[start]), m.block_table[r],
-                                             m.slot_mapping[start:end].long())
+        spans = [(start, end, self.slots(m.block_table[r], int(positions[start])), m.slot_mapping[start:end].long())
+                 for r, (start, end) in enumerate(zip(starts[:-1], starts[1:]))]
+        for start, end, earlier, new in writers_first(spans):
+            logits[start:end] = self.request(input_ids[start:end], earlier, new)
         return logits
 
-    def request(self, ids: Tensor, done: int, pages: Tensor, new_slots: Tensor) -> Tensor:
-        """One request's step: its new tokens ids (the first at position done), its page table and the new tokens'
-        slots. Reads the done earlier rows into forward_logits's cache, runs it, writes the new rows."""
+    def slots(self, pages: Tensor, done: int) -> Tensor:
+        """The slots of a request's first done positions, through its page table."""
         page_size = self.states[0].kv_cache.shape[2]
-        earlier = torch.arange(done)
-        slots = pages[earlier // page_size].long() * page_size + earlier % page_size
+        earlier = torch.arange(done, device=pages.device)
+        return pages[earlier // page_size].long() * page_size + earlier % page_size
+
+    def request(self, ids: Tensor, earlier: Tensor, new: Tensor) -> Tensor:
+        """One request's step: its new tokens ids, the slots of its earlier positions and of the new ones. Reads the
+        earlier rows into forward_logits's cache, runs it, writes the new rows."""
         cache: dict = {}
-        if done:
-            cache["ids"] = self.states[0].rows(slots)[:, -1].round().long()[None]
+        if len(earlier):
+            cache["ids"] = self.states[0].rows(earlier)[:, -1].round().long()[None]
             for i, (block, state, width) in enumerate(zip(self.model.blocks, self.states, self.widths)):
-                cache[i] = split_rows(state.rows(slots)[:, :width], block.mixer, self.model.args.num_kv_heads)
+                cache[i] = split_rows(state.rows(earlier)[:, :width], block.mixer, self.model.args.num_kv_heads)
         logits = self.model.forward_logits(ids[None], cache)[0]
         for i, state in enumerate(self.states):
-            state.write(new_slots, join_rows(cache[i], len(ids)))
-        self.states[0].write(new_slots, ids[:, None].to(SERVED_DTYPE), column=self.states[0].width - 1)
+            state.write(new, join_rows(cache[i], len(ids)))
+        self.states[0].write(new, ids[:, None].to(SERVED_DTYPE), column=self.states[0].width - 1)
         return logits
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ class ConvGPTTokenizer:
             raise ValueError(f"{path} has BOS id {self.sp.bos_id()}, ConvGPT's is {BOS_ID}: not a ConvGPT tokenizer")
         self._truncation_side = truncation_side
         self.name_or_path = str(path.parent)
+        self._vllm_space_marker_cache = "▁"  # vLLM's detokenizer restores a piece's leading space from it
         self._vocab = {self.sp.id_to_piece(i): i for i in range(self.sp.vocab_size())}
 
     @classmethod
@@ -83,10 +84,11 @@ class ConvGPTTokenizer:
 
     def encode(self, text: str, truncation: bool | None = None, max_length: int | None = None,
                add_special_tokens: bool = True) -> list[int]:
-        ids = [BOS_ID] * add_special_tokens + self.sp.encode(text)
-        if truncation and max_length is not None and len(ids) > max_length:
-            ids = ids[-max_length:] if self._truncation_side == "left" else ids[:max_length]
-        return ids
+        pieces, bos = self.sp.encode(text), [BOS_ID] * add_special_tokens
+        if truncation and max_length is not None and len(bos) + len(pieces) > max_length:
+            keep = max(max_length - len(bos), 0)  # the document's BOS stays in front
+            pieces = pieces[len(pieces) - keep:] if self._truncation_side == "left" else pieces[:keep]
+        return bos + pieces
 
     def __call__(self, text: str | list[str], text_pair: str | None = None, add_special_tokens: bool = True,
                  truncation: bool = False, max_length: int | None = None) -> BatchEncoding:
