@@ -29,8 +29,10 @@ from tools import export_hf, sample
 pytestmark = pytest.mark.slow
 MAX_SEQ = 64  # TINY_ENV's longest sequence: the engine's max_model_len
 BUDGET = 32  # max_num_batched_tokens: prompts longer than this are prefilled in chunks
-MAX_SEQS = 2  # max_num_seqs: 5 prompts queue and join the running batch as others finish
-PROMPT_LENS = (1, 5, 17, 33, 47)  # mixed; 47 crosses the memory chunks at 16 and 32 and fills 2 pages of 16
+MAX_SEQS = 2  # max_num_seqs: 6 prompts queue and join the running batch as others finish
+# mixed; the two 16s prefill in one step and then decode as one batch of forward_logits; 47 crosses the memory
+# chunks at 16 and 32 and fills 2 pages of 16
+PROMPT_LENS = (16, 16, 1, 5, 33, 47)
 NEW = 24  # greedy tokens per prompt (fewer where the prompt leaves less room)
 SHARED = 40  # the prefix-cache prompt repeats the 47-token prompt's first 40 tokens: 2 full pages are reused
 LOGPROB_LENS = (2, 9, 31, 63)  # teacher-forced sequences, up to the longest that leaves room for one output
@@ -46,7 +48,7 @@ from convgpt_vllm import engine_args
 
 folder, probe_path, out_path, budget, max_seqs = sys.argv[1:]
 probe = json.loads(open(probe_path).read())
-steps = []  # (tokens, requests) of every model forward
+steps, batch_rows = [], []  # (tokens, requests) of every model forward; rows of every forward_logits call
 
 def record(model):
     from vllm.forward_context import get_forward_context
@@ -56,6 +58,11 @@ def record(model):
             loc = next(iter(meta.values())).query_start_loc
             steps.append((int(loc[-1]), len(loc) - 1))
     model.register_forward_pre_hook(hook)
+    forward_logits = model.model.forward_logits
+    def counted(ids, cache=None):
+        batch_rows.append(ids.shape[0])
+        return forward_logits(ids, cache)
+    model.model.forward_logits = counted
 
 def main():
     llm = LLM(**engine_args(folder, max_num_seqs=int(max_seqs), max_num_batched_tokens=int(budget),
@@ -67,7 +74,7 @@ def main():
                      "logprobs": [d[t].logprob for d, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]}
     prompts = [TokensPrompt(prompt_token_ids=p) for p in probe["prompts"]]
     outs = llm.generate(prompts, [greedy(min(probe["new"], probe["max_seq"] - len(p))) for p in probe["prompts"]])
-    result = {"greedy": [out(o) for o in outs], "steps": list(steps)}
+    result = {"greedy": [out(o) for o in outs], "steps": list(steps), "batch_rows": list(batch_rows)}
     result["shared"] = out(llm.generate([TokensPrompt(prompt_token_ids=probe["shared"])], greedy(16))[0])
     before = len(steps)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in probe["same_step"]], [greedy(1), greedy(16), greedy(16)])
@@ -177,6 +184,7 @@ def test_greedy_tokens_equal_tools_sample_with_batching_and_chunked_prefill(engi
     assert [len(g["tokens"]) for g in engine["greedy"]] == [min(NEW, MAX_SEQ - n) for n in PROMPT_LENS]  # none stopped
     tokens, requests = zip(*engine["steps"])
     assert max(tokens) <= BUDGET and max(requests) == MAX_SEQS  # chunked prefill, continuous batching
+    assert engine["batch_rows"].count(2) >= NEW - 1  # the two 16-token prompts decoded as one batch
     assert sum(tokens) == sum(map(len, probe["prompts"])) + sum(len(g["tokens"]) for g in engine["greedy"]) - len(
         probe["prompts"])
 

@@ -151,19 +151,19 @@ def state_widths(model: nn.Module) -> list[int]:
 
 
 def split_rows(rows: Tensor, mixer: nn.Module, heads: int) -> dict[str, Tensor]:
-    """A block's rows [N, width] -> its forward_logits cache entry (batch 1)."""
+    """A block's rows [G, N, width] of G requests -> its forward_logits cache entry."""
     if is_conv(mixer):
-        return {"u": rows[None]}
-    k, v = rows.view(rows.shape[0], 2 * heads, -1).transpose(0, 1).chunk(2, 0)
-    return {"k": k[None], "v": v[None]}
+        return {"u": rows}
+    k, v = rows.view(*rows.shape[:2], 2 * heads, -1).transpose(1, 2).chunk(2, 1)
+    return {"k": k, "v": v}
 
 
 def join_rows(entry: dict[str, Tensor], n: int) -> Tensor:
-    """The last n positions of a block's cache entry -> rows [n, width]."""
+    """The last n positions of a block's cache entry -> rows [G * n, width], request after request."""
     if "u" in entry:
-        return entry["u"][0, -n:]
-    kv = torch.cat((entry["k"][0, :, -n:], entry["v"][0, :, -n:]), 0)
-    return kv.transpose(0, 1).reshape(n, -1)
+        return entry["u"][:, -n:].flatten(0, 1)
+    kv = torch.cat((entry["k"][:, :, -n:], entry["v"][:, :, -n:]), 1)
+    return kv.transpose(1, 2).flatten(2).flatten(0, 1)
 
 
 def writers_first(spans: list[tuple]) -> list[tuple]:
@@ -181,6 +181,20 @@ def writers_first(spans: list[tuple]) -> list[tuple]:
         else:
             raise RuntimeError("ConvGPT's requests in this step read each other's new rows: no order serves them")
     return order
+
+
+def batches(spans: list[tuple]) -> list[list[tuple]]:
+    """Consecutive requests with as many earlier and as many new positions run as one batch of forward_logits (it has
+    no padding), unless one reads what another writes: a decode step of equal-length requests is one forward."""
+    groups: list[list[tuple]] = []
+    for span in spans:
+        group = groups[-1] if groups else None
+        if (group and (len(group[0][2]), group[0][1] - group[0][0]) == (len(span[2]), span[1] - span[0])
+                and not torch.isin(span[2], torch.cat([s[3] for s in group])).any()):
+            group.append(span)
+        else:
+            groups.append([span])
+    return groups
 
 
 class ConvGPTvLLM(nn.Module):
@@ -212,8 +226,11 @@ class ConvGPTvLLM(nn.Module):
         starts = m.query_start_loc.tolist()
         spans = [(start, end, self.slots(m.block_table[r], int(positions[start])), m.slot_mapping[start:end].long())
                  for r, (start, end) in enumerate(zip(starts[:-1], starts[1:]))]
-        for start, end, earlier, new in writers_first(spans):
-            logits[start:end] = self.request(input_ids[start:end], earlier, new)
+        for group in batches(writers_first(spans)):
+            ids = torch.stack([input_ids[start:end] for start, end, _, _ in group])
+            out = self.request(ids, torch.stack([span[2] for span in group]), torch.cat([span[3] for span in group]))
+            for (start, end, _, _), request_logits in zip(group, out):
+                logits[start:end] = request_logits
         return logits
 
     def slots(self, pages: Tensor, done: int) -> Tensor:
@@ -223,17 +240,21 @@ class ConvGPTvLLM(nn.Module):
         return pages[earlier // page_size].long() * page_size + earlier % page_size
 
     def request(self, ids: Tensor, earlier: Tensor, new: Tensor) -> Tensor:
-        """One request's step: its new tokens ids, the slots of its earlier positions and of the new ones. Reads the
-        earlier rows into forward_logits's cache, runs it, writes the new rows."""
+        """G requests' step as one batch: their new tokens ids [G, n], the slots of their earlier positions [G, done]
+        and of the new ones [G * n]. Reads the earlier rows into forward_logits's cache, runs it, writes the new rows.
+        Returns the logits [G, n, vocab]."""
+        (G, n), done = ids.shape, earlier.shape[1]
         cache: dict = {}
-        if len(earlier):
-            cache["ids"] = self.states[0].rows(earlier)[:, -1].round().long()[None]
+        if done:
+            slots = earlier.flatten()
+            cache["ids"] = self.states[0].rows(slots)[:, -1].round().long().view(G, done)
             for i, (block, state, width) in enumerate(zip(self.model.blocks, self.states, self.widths)):
-                cache[i] = split_rows(state.rows(earlier)[:, :width], block.mixer, self.model.args.num_kv_heads)
-        logits = self.model.forward_logits(ids[None], cache)[0]
+                rows = state.rows(slots)[:, :width].view(G, done, width)
+                cache[i] = split_rows(rows, block.mixer, self.model.args.num_kv_heads)
+        logits = self.model.forward_logits(ids, cache)
         for i, state in enumerate(self.states):
-            state.write(new, join_rows(cache[i], len(ids)))
-        self.states[0].write(new, ids[:, None].to(SERVED_DTYPE), column=self.states[0].width - 1)
+            state.write(new, join_rows(cache[i], n))
+        self.states[0].write(new, ids.reshape(-1, 1).to(SERVED_DTYPE), column=self.states[0].width - 1)
         return logits
 
     def compute_logits(self, hidden_states: Tensor) -> Tensor:
