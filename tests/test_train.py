@@ -347,8 +347,8 @@ def test_real_fineweb_run_beats_unigram(tmp_path):
     baseline = unigram_bpb(tg.load_data_shard(FINEWEB_SAMPLE / "fineweb_train_000000.bin", 1024), val.astype(np.int64), luts)
     env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(SP1024), NUM_LAYERS="2", MODEL_DIM="128", NUM_HEADS="2",
                MLP_MULT="2", TRAIN_SEQ_LEN="128", TRAIN_BATCH_TOKENS="4096", MEM_CHUNK="32", MEM_TOPK="2",
-               ITERATIONS="150", WARMDOWN_ITERS="50", EVAL_STRIDE="64", OMP_NUM_THREADS=str(TEST_THREADS),
-               TRAIN_LOG_EVERY="50")
+               ITERATIONS="50", WARMDOWN_ITERS="20", EVAL_STRIDE="64", OMP_NUM_THREADS=str(TEST_THREADS),
+               TRAIN_LOG_EVERY="25")
     out = run_trainer(trainer_env({"data": data, "tokenizer": SP1024}, tmp_path, **env), tmp_path, timeout=600)
     assert out.returncode == 0, out.stderr
     bpb = float(log_values(out.stdout, "final_sliding_window")["val_bpb"])
