@@ -11,7 +11,8 @@ are kept per token in vLLM's paged KV cache: one StateLayer per block, each toke
 identical shape for every block. For each request of a step, forward gathers its earlier positions' rows through
 the block table into the cache dict, runs forward_logits on its new tokens, and writes the new rows at their slots.
 Prefix caching, chunked prefill and continuous batching then work as for attention: a reused page holds exactly the
-rows this prefix produces.
+rows this prefix produces. Requests run writers first (writers_first: a prefix hit can read a page that another
+request fills in the same step), and those with equal earlier and new lengths as one batch (batches).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ class StateMetadataBuilder(AttentionMetadataBuilder[StateMetadata]):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
 
     def __init__(self, kv_cache_spec, layer_names: list[str], vllm_config: VllmConfig, device: torch.device):
-        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)  # the base declares __init__ abstract
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> StateMetadata:
@@ -170,7 +171,7 @@ def writers_first(spans: list[tuple]) -> list[tuple]:
     """The step's requests (start, end, earlier slots, new slots) in an order where none reads a row that another
     writes later in this step. vLLM can give a request a prefix-cache hit on pages that a request earlier in the
     queue fills in this same step (they are marked cached when allocated); attention survives that because every
-    layer writes all tokens before it reads, but here each request runs whole, one after the other."""
+    layer writes all tokens before it reads, but here each request (or batch of them) runs whole, one after another."""
     pending, order = list(spans), []
     while pending:
         for i, span in enumerate(pending):
