@@ -999,8 +999,8 @@ def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor
     most EVAL_SEQ_LEN tokens of its own context; after a chunk is scored, rank-TTT_LORA_RANK adapters on the block
     matrices take TTT_EPOCHS Adam steps on that chunk's targets. Every document starts from fresh adapters, so no
     token is trained on before it is scored and no document sees another; the model's weights do not change.
-    Documents run as lora_plan orders them (plan: one built before). With a budget, adapting stops where LoraGuard says, and the rest is
-    scored by the plain model. Returns (val_loss, val_bpb, the all-reduced [nll, targets, bytes] of every chunk,
+    Documents run as lora_plan orders them (plan: one built before). With a budget, adapting stops where LoraGuard
+    says, and the rest is scored by the plain model. Returns (val_loss, val_bpb, the all-reduced [nll, targets, bytes] of every chunk,
     documents in order)."""
     windows, first, steps = plan or lora_plan(val_tokens, args, batch_seqs, world_size)
     guard = LoraGuard(budget, [batch_tokens([windows[i] for i in step[rank]]) for step in steps], args.ttt_epochs) if budget else None
@@ -1012,9 +1012,9 @@ def eval_lora_ttt(model: ConvGPT, val_tokens: Tensor, luts: tuple[Tensor, Tensor
         for s, step in enumerate(steps):
             adapt = args.ttt_epochs > 0 and (guard is None or guard.adapt(s))
             t0, forward_seconds = time.perf_counter(), [0.0]
-            if step[rank]:
-                score_lora_batch(model, val_tokens, luts, [windows[i] for i in step[rank]], [first[i] for i in step[rank]],
-                                 sums, args, adapt, forward_seconds)
+            if mine := step[rank]:
+                score_lora_batch(model, val_tokens, luts, [windows[i] for i in mine], [first[i] for i in mine], sums,
+                                 args, adapt, forward_seconds)
             if guard and adapt:
                 sync(sums.device)
                 guard.timed("adapt", guard.step_tokens[s], time.perf_counter() - t0)
@@ -1083,8 +1083,7 @@ def plain_tokens(args: Hyperparameters, val_tokens: Tensor, d: Dist, lora: LoraP
 
 
 class EvalPlan(NamedTuple):
-    paces: tuple[float, float]  # scoring_pace's (compiled, eager) seconds per input token on this rank
-    tokens: dict[str, int]  # plain_tokens
+    score_pace: float  # scoring_pace's eager seconds per input token on this rank: LoRA TTT's plain scoring
     lora: LoraPlan | None  # TTT's documents in batches (TTT_EPOCHS > 0), built here, outside the clock
 
 
@@ -1096,15 +1095,15 @@ def check_eval_budget(model: ConvGPT, val_tokens: Tensor, d: Dist, log: Callable
     if args.max_eval_seconds <= 0:
         return None
     lora = lora_plan(val_tokens, args, eval_batch_seqs(args), d.world_size) if args.ttt_epochs else None
-    plan = EvalPlan(scoring_pace(model, d.device), plain_tokens(args, val_tokens, d, lora), lora)
-    plain = plan.paces[0] * (plan.tokens["roundtrip"] + plan.tokens["sliding"]) + plan.paces[1] * plan.tokens.get("ttt", 0)
+    (compiled, eager), tokens = scoring_pace(model, d.device), plain_tokens(args, val_tokens, d, lora)
+    plain = compiled * (tokens["roundtrip"] + tokens["sliding"]) + eager * tokens.get("ttt", 0)
     log(f"eval_budget max_eval_seconds:{args.max_eval_seconds:g} plain_scoring_predicted:{plain:.1f}s "
-        f"pace:{1e9 * plan.paces[0]:.0f}ns_per_token eager_pace:{1e9 * plan.paces[1]:.0f}ns_per_token")
-    if not EvalBudget(args.max_eval_seconds, d.device, plan.paces[1]).fits(plain):
+        f"pace:{1e9 * compiled:.0f}ns_per_token eager_pace:{1e9 * eager:.0f}ns_per_token")
+    if not EvalBudget(args.max_eval_seconds, d.device, eager).fits(plain):
         raise FatalError(f"MAX_EVAL_SECONDS={args.max_eval_seconds:g} cannot fit even plain scoring: the final "
                          f"evaluation's passes need {plain:.1f} s at the measured pace, and {EVAL_RESERVE:.0%} of it is "
                          f"reserved (raise it or EVAL_STRIDE, or set TTT_EPOCHS=0)")
-    return plan
+    return EvalPlan(eager, lora)
 
 
 def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | None = None, ttt: bool = False,
@@ -1124,9 +1123,9 @@ def evaluate(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, stride: int | No
 def final_evaluation(model: ConvGPT, val_tokens: Tensor, luts, d: Dist, log: Callable[[str], None],
                      plan: EvalPlan | None, t0: float) -> None:
     """The round trip, the sliding window and (TTT_EPOCHS > 0) TTT, inside MAX_EVAL_SECONDS (EvalBudget, when plan
-    holds its paces) counted from t0, when the artifact's loading began."""
+    holds its pace) counted from t0, when the artifact's loading began."""
     args = model.args
-    budget = EvalBudget(args.max_eval_seconds, d.device, plan.paces[1], t0) if plan else None
+    budget = EvalBudget(args.max_eval_seconds, d.device, plan.score_pace, t0) if plan else None
     loss, bpb, ms = evaluate(model, val_tokens, luts, d)
     log(f"final_int6_zstd_roundtrip val_loss:{loss:.4f} val_bpb:{bpb:.4f} eval_time:{ms:.0f}ms")
     log(f"final_int6_zstd_roundtrip_exact val_loss:{loss:.8f} val_bpb:{bpb:.8f}")

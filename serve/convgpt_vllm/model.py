@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from types import ModuleType
 from typing import ClassVar
 
@@ -49,19 +49,6 @@ def modeling_module(config) -> ModuleType:
                          f" from {type(config).__module__} (tools/export_hf.py writes model_type {MODEL_TYPE!r} and "
                          f"modeling_convgpt.py; load it with trust_remote_code=True)")
     return module
-
-
-def settings(config, module: ModuleType):
-    """The trainer's Hyperparameters from the config's fields, through the imported module's class. Not
-    config.hyperparameters(): vLLM's worker receives the config class pickled by value, and the dataclass it refers to
-    arrives without its fields (every setting would be a default)."""
-    names = [f.name for f in fields(module.Hyperparameters)]
-    missing = [name for name in names if not hasattr(config, name)]
-    if missing:
-        raise NotConvGPT(f"the config lacks the trainer's settings {', '.join(missing[:5])}: not an exported ConvGPT")
-    args = module.Hyperparameters(**{name: getattr(config, name) for name in names})
-    args.validate()
-    return args
 
 
 # ----------------------------------------------------------------------------- the paged state
@@ -207,7 +194,10 @@ class ConvGPTvLLM(nn.Module):
         module = modeling_module(model_config.hf_config)
         if model_config.dtype != SERVED_DTYPE:
             raise ValueError(f"ConvGPT is served in float32 (dtype='float32'), not {model_config.dtype}")
-        self.model = module.reference_path(module.ConvGPT(settings(model_config.hf_config, module)))
+        # through the imported module's class, not the config's own method: vLLM's worker receives the config class
+        # pickled by value, and the Hyperparameters it refers to arrives without its fields (all defaults)
+        args = module.ConvGPTConfig.hyperparameters(model_config.hf_config)
+        self.model = module.reference_path(module.ConvGPT(args))
         if self.model.args.vocab_size > EXACT_FLOAT_IDS:
             raise ValueError(f"vocabulary {self.model.args.vocab_size} does not fit the state's fp32 id column")
         self.widths = state_widths(self.model)
